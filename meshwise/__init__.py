@@ -1,0 +1,15 @@
+"""meshwise: split PyTorch training and inference across processes and devices.
+
+    import meshwise as mw
+    engine = mw.parallelize(model, mw.Plan(dp=2), loss_fn=..., optimizer=..., sample=...)
+    for batch in engine.loader(dataset, batch_size=64):
+        loss = engine.step(batch)
+"""
+
+from meshwise.engine import Engine, parallelize
+from meshwise.launch import WorkerFailed, launch
+from meshwise.parallel_map import map
+from meshwise.plan import Plan
+
+__all__ = ["Engine", "Plan", "WorkerFailed", "launch", "map", "parallelize"]
+__version__ = "0.1.0"

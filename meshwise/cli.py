@@ -1,0 +1,101 @@
+"""The ``meshwise`` command: ``run`` a script on many workers, ``demo`` one that teaches.
+
+A bad argument or plan is one line on stderr and exit code 2, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from meshwise.dist import DEVICE_CHOICES
+from meshwise.launch import Job, run_command
+from meshwise.plan import Plan
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_launch_options(parser: argparse.ArgumentParser, *, nproc_default: int | None) -> None:
+    parser.add_argument("--nproc", type=int, default=nproc_default,
+                        help="workers on this host (default: the plan's world size, else 1)")
+    parser.add_argument("--plan", help="how to split the work, e.g. dp=2,microbatches=4 (default: dp = nproc)")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default=None,
+                        help="cpu forces the CPU; auto (default) uses one GPU per worker where CUDA is available")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="meshwise", description="Split PyTorch training and inference across processes and devices.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run a training script on many workers",
+                         description="Run SCRIPT on --nproc workers per host (torch elastic launch).")
+    _add_launch_options(run, nproc_default=None)
+    run.add_argument("--nnodes", type=int, default=1, help="hosts in the job (default 1)")
+    run.add_argument("--node-rank", type=int, default=0, help="this host's index; host 0 serves the rendezvous")
+    run.add_argument("--rdzv-endpoint", help="HOST:PORT of host 0, reachable by every host (multi-host only)")
+    run.add_argument("--max-restarts", type=int, default=0, help="restart all workers up to K times after a failure")
+    run.add_argument("script", metavar="SCRIPT", help="a Python script, or -m MODULE")
+    run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments for the script")
+
+    demo = sub.add_parser("demo", help="train a digits classifier with data parallelism",
+                          description="Train a small classifier on scikit-learn's bundled digits data.")
+    _add_launch_options(demo, nproc_default=None)
+    demo.add_argument("--epochs", type=int, default=None, help="passes over the training set (default 20)")
+    demo.add_argument("--out", help="run directory (default runs/demo-TIMESTAMP)")
+    return parser
+
+
+def _job(parser: argparse.ArgumentParser, ns: argparse.Namespace, default_nproc: int, **extra: object) -> tuple[Job, str | None]:
+    """The job and plan string, with --nproc and --plan made consistent (or a one-line error)."""
+    try:
+        plan = Plan.parse(ns.plan) if ns.plan is not None else None
+        nnodes = extra.get("nnodes", 1)
+        nproc = ns.nproc
+        if nproc is None:
+            nproc = plan.world_size // nnodes if plan else default_nproc
+        job = Job(nproc=nproc, **extra)  # type: ignore[arg-type]
+        if plan is not None and plan.world_size != job.world_size:
+            raise ValueError(
+                f"plan {plan} needs {plan.world_size} processes but the job has {job.world_size} "
+                f"(nproc={job.nproc} x nnodes={job.nnodes}); make them equal"
+            )
+    except ValueError as error:
+        parser.error(str(error))
+    return job, str(plan) if plan is not None else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    ns = parser.parse_args(argv)
+    if ns.command == "run":
+        job, plan = _job(parser, ns, 1, nnodes=ns.nnodes, node_rank=ns.node_rank,
+                         rdzv_endpoint=ns.rdzv_endpoint, max_restarts=ns.max_restarts)
+        if ns.script == "-m":
+            if not ns.args:
+                parser.error("run -m needs a module name")
+            command = ["-m", *ns.args]
+        else:
+            if not os.path.isfile(ns.script):
+                parser.error(f"script {ns.script!r} not found")
+            command = [ns.script, *ns.args]
+        return run_command(command, job, plan=plan, device=ns.device)
+    if ns.command == "demo":
+        job, plan = _job(parser, ns, 2)
+        if ns.epochs is not None and ns.epochs < 1:
+            parser.error(f"--epochs={ns.epochs} is invalid: it must be >= 1")
+        command = ["-m", "meshwise.demo"]
+        if ns.epochs is not None:
+            command += ["--epochs", str(ns.epochs)]
+        if ns.out:
+            command += ["--out", ns.out]
+        return run_command(command, job, plan=plan, device=ns.device)
+    parser.error(f"unknown command {ns.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

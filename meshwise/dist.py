@@ -1,0 +1,89 @@
+"""This process's place in the job: rank, world, device, and the default process group.
+
+Workers started by ``meshwise run``, ``meshwise.launch`` or plain ``torchrun`` find their
+rank in the environment torch's elastic agent sets (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT). A plain ``python script.py`` is a world of one: it gets an
+in-memory store, so the same code path (process group, DDP) runs without any port.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands: global rank, world size, local rank and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that prints and writes shared files."""
+        return self.rank == 0
+
+
+def pick_device(choice: str | torch.device | None, local_rank: int) -> torch.device:
+    """One GPU per local rank where CUDA is available, else the CPU; ``"cpu"`` forces it."""
+    if isinstance(choice, torch.device):
+        return choice
+    choice = choice or "auto"
+    if choice not in DEVICE_CHOICES:
+        raise ValueError(f"device={choice!r} is invalid: use one of {', '.join(DEVICE_CHOICES)}")
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but CUDA is not available here; use --device cpu")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ValueError(
+            f"local rank {local_rank} needs GPU {local_rank} but this host has {count}; "
+            f"run at most {count} processes per host or use --device cpu"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def init(device: str | torch.device | None = None) -> Context:
+    """Join the job's default process group (once per process) and return this rank's Context.
+
+    gloo serves CPU tensors; on GPUs the group is ``cpu:gloo,cuda:nccl`` so that both
+    device and host collectives work.
+    """
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        if env_world > 1 or "MASTER_ADDR" in os.environ:
+            dist.init_process_group(
+                backend,
+                rank=int(os.environ["RANK"]),
+                world_size=env_world,
+                device_id=dev if dev.type == "cuda" else None,
+            )
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    elif dev.type == "cuda" and "nccl" not in dist.get_backend():
+        raise ValueError(
+            f"the process group was created with backend {dist.get_backend()!r}, which cannot "
+            f"reduce tensors on {dev}; create it with 'cpu:gloo,cuda:nccl' or pass device='cpu'"
+        )
+    return Context(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        device=dev,
+        backend=dist.get_backend(),
+    )

@@ -1,0 +1,284 @@
+"""``parallelize`` and the Engine: one object that trains and predicts under a Plan.
+
+Data parallelism uses torch's ``DistributedDataParallel``: its bucketed all-reduce
+overlaps the backward pass, and it broadcasts rank 0's parameters at wrap time, so
+every replica starts equal.
+
+The correctness contract: for a mean-reduced ``loss_fn``, ``step`` makes the same
+update as one process computing ``loss_fn(model(x), y)`` on the whole global batch of
+N samples. Replica r holds n_r samples cut into micro-batches of m_k samples. Each
+micro-batch's mean loss L_k is back-propagated with weight ``m_k * dp / N``; DDP then
+averages the replicas' gradients (divides by dp):
+
+    grad = 1/dp * sum_r sum_k (m_k * dp / N) * dL_k = sum_k (m_k / N) * dL_k = dL_global
+
+which holds for uneven shares and uneven micro-batches alike. With even shares and one
+micro-batch the weight is exactly 1 and is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from meshwise import data
+from meshwise import dist as mwdist
+from meshwise.plan import Plan, resolve_plan
+
+PLAN_ENV = "MESHWISE_PLAN"
+DEVICE_ENV = "MESHWISE_DEVICE"
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+OptimizerArg = Callable[[Any], torch.optim.Optimizer] | torch.optim.Optimizer
+
+
+def parallelize(
+    model: torch.nn.Module,
+    plan: Plan | str | None = None,
+    *,
+    loss_fn: LossFn | None = None,
+    optimizer: OptimizerArg | None = None,
+    sample: Any = None,
+    device: str | torch.device | None = None,
+) -> Engine:
+    """Wrap a single-device ``model`` for training and inference under ``plan``.
+
+    ``plan=None`` takes the launcher's ``--plan``, else data parallelism over every
+    process. ``optimizer`` is a function of the parameters (``lambda p: AdamW(p)``) or an
+    optimizer already built on ``model.parameters()``. ``sample`` is one example batch
+    ``(x, y)``: later batches must match its per-sample shapes and dtypes. ``device``
+    ``"cpu"`` forces the CPU (default: the launcher's ``--device``, else one GPU per
+    local rank where CUDA is available).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"parallelize expects a torch.nn.Module, got {type(model).__name__}")
+    ctx = mwdist.init(device if device is not None else os.environ.get(DEVICE_ENV))
+    plan = resolve_plan(plan if plan is not None else os.environ.get(PLAN_ENV) or None, ctx.world_size)
+    _reject_unavailable(plan)
+    return Engine(model, plan, ctx, loss_fn=loss_fn, optimizer=optimizer, sample=sample)
+
+
+def _reject_unavailable(plan: Plan) -> None:
+    missing = [
+        (plan.pp > 1, f"pp={plan.pp} (pipeline parallelism)"),
+        (plan.tp > 1, f"tp={plan.tp} (tensor parallelism)"),
+        (plan.zero > 0, f"zero={plan.zero} (sharded data parallelism)"),
+        (plan.precision != "fp32", f"precision={plan.precision} (mixed precision)"),
+        (plan.checkpointing, "checkpointing=true (activation recomputation)"),
+    ]
+    named = [text for cond, text in missing if cond]
+    if named:
+        raise NotImplementedError(
+            f"plan {plan} asks for {', '.join(named)}, not available yet in this version of "
+            f"meshwise; data parallelism is: use a plan such as dp={plan.world_size}"
+        )
+
+
+class Engine:
+    """Trains (``step``) and predicts (``predict``) one model under one Plan."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        plan: Plan,
+        ctx: mwdist.Context,
+        *,
+        loss_fn: LossFn | None,
+        optimizer: OptimizerArg | None,
+        sample: Any,
+    ) -> None:
+        self.plan = plan
+        self.ctx = ctx
+        self.device = ctx.device
+        self.dp_rank, self.dp_size = ctx.rank, plan.dp
+        self.dp_group = dist.group.WORLD
+        self.loss_fn = loss_fn
+        self.sample = sample
+        self.steps = 0
+        model.to(self.device)
+        self._ddp = DistributedDataParallel(
+            model,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            process_group=self.dp_group,
+        )
+        self.optimizer = _build_optimizer(optimizer, model)
+        # (batch, N): the global size of the batch ``loader`` yielded last, so that ``step``
+        # on that batch needs no collective to learn N.
+        self._loaded: tuple[Any, int] | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The user's model (unwrapped), with this rank's parameters."""
+        return self._ddp.module
+
+    @property
+    def rank(self) -> int:
+        return self.ctx.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.ctx.world_size
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the rank that prints and writes shared files."""
+        return self.ctx.is_main
+
+    def loader(
+        self,
+        dataset: Any,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        drop_last: bool = False,
+    ) -> Iterator[Any]:
+        """Yield this replica's share of each global batch of ``batch_size`` (see meshwise.data)."""
+        dataset = data.as_dataset(dataset)
+        n = len(dataset)
+        if n == 0:
+            raise ValueError("the dataset is empty: there is nothing to train on")
+        least = self.dp_size * self.plan.microbatches
+        if type(batch_size) is not int or batch_size < least:
+            raise ValueError(
+                f"batch_size={batch_size!r} is too small for plan {self.plan}: each global batch "
+                f"must give every one of dp={self.dp_size} replicas at least microbatches="
+                f"{self.plan.microbatches} samples; use batch_size >= {least}"
+            )
+        batches = data.global_batches(n, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last)
+        return self._iterate(dataset, batches)
+
+    def _iterate(self, dataset: Any, batches: list[torch.Tensor]) -> Iterator[Any]:
+        for indices in batches:
+            batch = data.fetch(dataset, data.share(indices, self.dp_rank, self.dp_size))
+            self._loaded = (batch, len(indices))
+            yield batch
+
+    def step(self, batch: Any) -> float:
+        """Forward, backward, gradient all-reduce and optimizer step on this rank's share.
+
+        Returns the global mean loss over the whole global batch, the same on every rank.
+        """
+        if self.loss_fn is None or self.optimizer is None:
+            raise ValueError("step needs loss_fn and optimizer: pass both to meshwise.parallelize")
+        data.unpack(batch)
+        self._check(batch)
+        local = data.batch_size_of(batch)
+        total = self._global_size(batch, local)
+        parts = data.split(data.to_device(batch, self.device), self.plan.microbatches)
+        weights = [data.batch_size_of(p) * self.dp_size / total for p in parts]
+        if not parts:  # an uneven tail left this replica nothing: join the all-reduce with zeros
+            parts, weights = [self._placeholder()], [0.0]
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (part, weight) in enumerate(zip(parts, weights)):
+            inputs, targets = data.unpack(part)
+            with nullcontext() if i == len(parts) - 1 else self._ddp.no_sync():
+                loss = self._loss(data.call(self._ddp, inputs), targets)
+                (loss if weight == 1.0 else loss * weight).backward()
+            if weight:
+                loss_sum += loss.detach() * data.batch_size_of(part)
+        reduced = dist.all_reduce(loss_sum, group=self.dp_group, async_op=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        reduced.wait()
+        self.steps += 1
+        return loss_sum.item() / total
+
+    @torch.no_grad()
+    def predict(self, inputs: Any, batch_size: int | None = None) -> Any:
+        """The model's outputs for all of ``inputs`` (a tensor or a dataset), in order, on every rank.
+
+        Each replica runs a contiguous slice, in eval mode, ``batch_size`` rows at a time
+        (all at once if None); the slices are gathered back in input order. Dataset items
+        that are ``(input, target)`` pairs use the input only.
+        """
+        dataset = data.as_dataset(inputs)
+        n = len(dataset)
+        if n == 0:
+            raise ValueError("predict got no inputs (length 0)")
+        if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
+            raise ValueError(f"batch_size={batch_size!r} is invalid: use an integer >= 1 or None")
+        mine = data.share(torch.arange(n), self.dp_rank, self.dp_size)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            if len(mine):
+                outs = [self._forward_inputs(dataset, chunk) for chunk in mine.split(batch_size or len(mine))]
+                local = data.concat(outs)
+            else:  # fewer rows than replicas: run one placeholder row for the output's shape
+                local = data.map_tensors(lambda t: t[:0], self._forward_inputs(dataset, torch.arange(1)))
+        finally:
+            model.train(was_training)
+        return data.map_tensors(self._gather_rows, local)
+
+    def _forward_inputs(self, dataset: Any, indices: torch.Tensor) -> Any:
+        batch = data.fetch(dataset, indices)
+        if isinstance(batch, (tuple, list)):  # (inputs, targets, ...): the inputs
+            batch = batch[0]
+        return data.call(self.model, data.to_device(batch, self.device))
+
+    def _gather_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """AllGather_dp(x[n_r, ...]) -> x[sum n_r, ...], in rank order, for uneven n_r."""
+        if self.dp_size == 1:
+            return local
+        sizes = torch.tensor([len(local)], device=self.device)
+        all_sizes = [torch.empty_like(sizes) for _ in range(self.dp_size)]
+        dist.all_gather(all_sizes, sizes, group=self.dp_group)
+        counts = [int(s) for s in all_sizes]
+        padded = local.new_zeros((max(counts), *local.shape[1:]))
+        padded[: len(local)] = local
+        gathered = [torch.empty_like(padded) for _ in range(self.dp_size)]
+        dist.all_gather(gathered, padded.contiguous(), group=self.dp_group)
+        return torch.cat([g[:c] for g, c in zip(gathered, counts)])
+
+    def _loss(self, outputs: Any, targets: Any) -> torch.Tensor:
+        loss = self.loss_fn(outputs, targets)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss_fn returned {shape}, expected a scalar tensor: a mean-reduced loss "
+                f"such as torch.nn.functional.cross_entropy(out, y) (reduction='mean')"
+            )
+        return loss
+
+    def _check(self, batch: Any) -> None:
+        if self.sample is None:
+            self.sample = data.map_tensors(lambda t: t[:1].cpu(), batch)
+        else:
+            data.check_spec(batch, self.sample)
+
+    def _placeholder(self) -> Any:
+        """One row of the sample, on this device: a stand-in for an empty share."""
+        return data.to_device(data.map_tensors(lambda t: t[:1], self.sample), self.device)
+
+    def _global_size(self, batch: Any, local: int) -> int:
+        if self._loaded is not None and self._loaded[0] is batch:
+            return self._loaded[1]
+        count = torch.tensor([local], device=self.device)
+        dist.all_reduce(count, group=self.dp_group)
+        total = int(count)
+        if total == 0:
+            raise ValueError("step got an empty batch on every replica: there is nothing to train on")
+        return total
+
+
+def _build_optimizer(optimizer: OptimizerArg | None, model: torch.nn.Module) -> torch.optim.Optimizer | None:
+    if optimizer is None or isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer
+    if callable(optimizer):
+        built = optimizer(model.parameters())
+        if not isinstance(built, torch.optim.Optimizer):
+            raise TypeError(f"optimizer(params) must return a torch.optim.Optimizer, got {type(built).__name__}")
+        return built
+    raise TypeError(
+        f"optimizer must be a function of the parameters (lambda p: torch.optim.AdamW(p)) "
+        f"or a torch.optim.Optimizer, got {type(optimizer).__name__}"
+    )

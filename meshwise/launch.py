@@ -1,0 +1,261 @@
+"""Start workers: ``meshwise run`` for scripts, ``meshwise.launch`` for functions.
+
+Both are torch's elastic agent (``torch.distributed.launcher``, the engine behind
+``torchrun``): it starts the workers, sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/
+MASTER_PORT, watches them, and stops every worker as soon as one fails. What meshwise
+adds:
+
+* local runs rendezvous on loopback on a port the OS picks (``127.0.0.1:0``), so two
+  runs on one machine never collide; multi-host runs use a static rendezvous at
+  ``--rdzv-endpoint`` with ``--node-rank`` deciding which host serves it;
+* one CPU thread budget split between local workers (cores // nproc each);
+* a failure is reported once: the first rank that raised, with its traceback, not one
+  traceback per rank and not the agent's log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from meshwise.plan import Plan
+
+PLAN_ENV = "MESHWISE_PLAN"
+DEVICE_ENV = "MESHWISE_DEVICE"
+ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
+
+
+@dataclass(frozen=True)
+class Job:
+    """Where and how many workers run; the launcher's half of the configuration."""
+
+    nproc: int = 1
+    """Workers on this host."""
+    nnodes: int = 1
+    """Hosts in the job; each runs ``meshwise run`` with the same arguments."""
+    node_rank: int = 0
+    """This host's index, 0..nnodes-1; host 0 serves the rendezvous."""
+    rdzv_endpoint: str | None = None
+    """HOST:PORT of host 0's rendezvous; required when nnodes > 1."""
+    max_restarts: int = 0
+    """Times the agent restarts all workers after a failure before giving up."""
+
+    def __post_init__(self) -> None:
+        for name, least in (("nproc", 1), ("nnodes", 1), ("node_rank", 0), ("max_restarts", 0)):
+            value = getattr(self, name)
+            if type(value) is not int or value < least:
+                raise ValueError(f"{name.replace('_', '-')}={value!r} is invalid: it must be an integer >= {least}")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node-rank={self.node_rank} is invalid for nnodes={self.nnodes}: use 0..{self.nnodes - 1}")
+        if self.nnodes > 1:
+            if not self.rdzv_endpoint:
+                raise ValueError(f"nnodes={self.nnodes} needs --rdzv-endpoint HOST:PORT of host 0, reachable by every host")
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"rdzv-endpoint={self.rdzv_endpoint!r} is invalid: write HOST:PORT, e.g. 10.0.0.1:29500")
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
+
+
+class WorkerFailed(RuntimeError):
+    """A worker failed; ``rank``, ``exitcode`` and the worker's ``traceback`` say how."""
+
+    def __init__(self, rank: int, exitcode: int, trace: str, others: int) -> None:
+        self.rank, self.exitcode, self.traceback, self.others = rank, exitcode, trace, others
+        also = f"; {others} other rank(s) were stopped" if others else ""
+        super().__init__(f"rank {rank} failed with exit code {exitcode}{also}\n{trace}".rstrip())
+
+
+def _config(job: Job, run_dir: str) -> Any:
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.launcher.api import LaunchConfig
+
+    if job.nnodes == 1:
+        backend, endpoint, rdzv = "c10d", "127.0.0.1:0", {"is_host": True}
+        local_addr = "127.0.0.1"
+    else:
+        backend, endpoint, rdzv = "static", job.rdzv_endpoint, {"rank": job.node_rank}
+        local_addr = None
+    return LaunchConfig(
+        min_nodes=job.nnodes,
+        max_nodes=job.nnodes,
+        nproc_per_node=job.nproc,
+        run_id=f"meshwise-{uuid.uuid4().hex[:12]}" if job.nnodes == 1 else "meshwise",
+        rdzv_backend=backend,
+        rdzv_endpoint=endpoint,
+        rdzv_configs={**rdzv, "timeout": 300},
+        max_restarts=job.max_restarts,
+        monitor_interval=0.1,
+        start_method="spawn",
+        local_addr=local_addr,
+        logs_specs=DefaultLogsSpecs(log_dir=os.path.join(run_dir, "logs")),
+        shutdown_timeout=5,
+    )
+
+
+@contextmanager
+def _environment(job: Job, plan: Plan | str | None, device: str | None) -> Iterator[str]:
+    """Set the variables workers inherit, quiet the agent's log, clean up afterwards."""
+    saved = dict(os.environ)
+    run_dir = tempfile.mkdtemp(prefix="meshwise-launch-")
+    agent_log = logging.getLogger("torch.distributed.elastic")
+    saved_level = agent_log.level
+    try:
+        if plan is not None:
+            os.environ[PLAN_ENV] = str(plan if isinstance(plan, Plan) else Plan.parse(plan))
+        if device is not None:
+            os.environ[DEVICE_ENV] = device
+        if "OMP_NUM_THREADS" not in os.environ:
+            os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // job.nproc))
+        if not os.environ.get("MESHWISE_VERBOSE"):
+            agent_log.setLevel(logging.CRITICAL)
+        yield run_dir
+    finally:
+        agent_log.setLevel(saved_level)
+        os.environ.clear()
+        os.environ.update(saved)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _first_failure(error: Any) -> WorkerFailed:
+    """The rank that failed first (by the time its error file was written), once."""
+    failures = error.failures  # {rank: ProcessFailure}
+
+    def when(item: tuple[int, Any]) -> tuple[float, int]:
+        stamp = _read_error_file(item[1].error_file).get("meshwise_time")
+        return (float(stamp) if stamp is not None else float("inf"), item[0])
+
+    rank, failure = min(failures.items(), key=when)
+    info = _read_error_file(failure.error_file)
+    trace = info.get("traceback") or str(failure.message or "")
+    if failure.exitcode < 0 and not info:
+        trace = f"killed by signal {-failure.exitcode} (out of memory, or killed from outside?)"
+    return WorkerFailed(rank, failure.exitcode, trace, len(failures) - 1)
+
+
+def _read_error_file(path: str | None) -> dict[str, Any]:
+    try:
+        with open(path or "") as f:
+            message = json.load(f)["message"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    if not isinstance(message, dict):
+        return {}
+    extra = message.get("extraInfo", {})
+    return {"traceback": extra.get("py_callstack"), "meshwise_time": extra.get("meshwise_time")}
+
+
+def record_failure(exc: BaseException) -> None:
+    """Write a worker's exception where the agent looks for it (its error file)."""
+    path = os.environ.get(ERROR_FILE_ENV)
+    if not path:
+        return
+    trace = "".join(traceback.format_exception(exc))
+    data = {
+        "message": {
+            "message": f"{type(exc).__name__}: {exc}",
+            "extraInfo": {"py_callstack": trace, "timestamp": str(int(time.time())), "meshwise_time": time.time()},
+        }
+    }
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def run_command(argv: list[str], job: Job, *, plan: Plan | str | None = None, device: str | None = None) -> int:
+    """Run ``python ARGV...`` on ``job.nproc`` local workers; the exit code of the job."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
+    with _environment(job, plan, device) as run_dir:
+        try:
+            elastic_launch(_config(job, run_dir), sys.executable)("-m", "meshwise.worker", *argv)
+        except ChildFailedError as error:
+            failed = _first_failure(error)
+            print(f"meshwise: {failed}", file=sys.stderr)
+            return failed.exitcode if failed.exitcode > 0 else 1
+    return 0
+
+
+def launch(
+    fn: Callable[..., Any],
+    nproc: int = 1,
+    args: tuple[Any, ...] = (),
+    *,
+    plan: Plan | str | None = None,
+    device: str | None = None,
+) -> Any:
+    """Run ``fn(*args)`` on ``nproc`` local workers and return rank 0's result.
+
+    ``fn`` must be picklable (defined at module top level): workers are started fresh
+    (spawn), so a calling script needs the ``if __name__ == "__main__":`` guard. If a
+    worker raises, every worker is stopped and the first exception is raised here, with
+    the worker's traceback attached as a note.
+    """
+    job = Job(nproc=nproc)
+    if not callable(fn):
+        raise TypeError(f"launch expects a function, got {type(fn).__name__}")
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
+    with _environment(job, plan, device) as run_dir:
+        try:
+            results = elastic_launch(_config(job, run_dir), _call)(fn, tuple(args), run_dir)
+        except ChildFailedError as error:
+            failed = _first_failure(error)
+            original = _load_exception(run_dir, failed.rank)
+            if original is None:
+                raise failed from None
+            original.add_note(f"(raised on rank {failed.rank} of {nproc}; worker traceback:)\n{failed.traceback}")
+            raise original from None
+    return results[0]
+
+
+def _call(fn: Callable[..., Any], args: tuple[Any, ...], run_dir: str) -> Any:
+    """A worker of ``launch``: run fn; on failure leave the exception for the parent and exit 1.
+
+    Exiting by SystemExit (not by re-raising) keeps the worker from printing its own
+    traceback: the parent reports it once.
+    """
+    try:
+        return fn(*args)
+    except Exception as exc:
+        record_failure(exc)
+        try:
+            with open(os.path.join(run_dir, f"exception-{os.environ.get('RANK', '0')}.pkl"), "wb") as f:
+                pickle.dump(exc, f)
+        except Exception:  # an exception that does not pickle is reported by its traceback
+            pass
+        raise SystemExit(1) from None
+    finally:
+        leave_group()
+
+
+def _load_exception(run_dir: str, rank: int) -> BaseException | None:
+    # The file was written by our own worker into a private (0700) temporary directory.
+    try:
+        with open(os.path.join(run_dir, f"exception-{rank}.pkl"), "rb") as f:
+            exc = pickle.load(f)
+    except Exception:
+        return None
+    return exc if isinstance(exc, BaseException) else None
+
+
+def leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
