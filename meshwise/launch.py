@@ -76,8 +76,10 @@ class WorkerFailed(RuntimeError):
 
     def __init__(self, rank: int, exitcode: int, trace: str, others: int) -> None:
         self.rank, self.exitcode, self.traceback, self.others = rank, exitcode, trace, others
-        also = f"; {others} other rank(s) were stopped" if others else ""
-        super().__init__(f"rank {rank} failed with exit code {exitcode}{also}\n{trace}".rstrip())
+        lines = trace.strip().splitlines()
+        what = f": {lines[-1]}" if lines else ""
+        also = f" ({others} other rank(s) stopped)" if others else ""
+        super().__init__(f"rank {rank} failed with exit code {exitcode}{also}{what}\n{trace}".rstrip())
 
 
 def _config(job: Job, run_dir: str) -> Any:
@@ -159,12 +161,18 @@ def _read_error_file(path: str | None) -> dict[str, Any]:
     return {"traceback": extra.get("py_callstack"), "meshwise_time": extra.get("meshwise_time")}
 
 
-def record_failure(exc: BaseException) -> None:
-    """Write a worker's exception where the agent looks for it (its error file)."""
+def record_failure(exc: BaseException, skip: Callable[[str], bool] = lambda filename: False) -> None:
+    """Write a worker's exception where the agent looks for it (its error file).
+
+    Leading traceback frames whose file name ``skip`` accepts (the launcher's own) are left out.
+    """
     path = os.environ.get(ERROR_FILE_ENV)
     if not path:
         return
-    trace = "".join(traceback.format_exception(exc))
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and skip(tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next
+    trace = "".join(traceback.format_exception(type(exc), exc, tb))
     data = {
         "message": {
             "message": f"{type(exc).__name__}: {exc}",

@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
     except Exception as exc:
         if not os.environ.get(ERROR_FILE_ENV):
             raise
-        record_failure(exc)
+        record_failure(exc, skip=lambda name: name in (__file__, "<frozen runpy>"))
         return 1
     finally:
         leave_group()

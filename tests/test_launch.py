@@ -1,0 +1,141 @@
+"""The launcher: one script, three ways to run it; concurrency; failures; bad arguments."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import torch
+
+import meshwise as mw
+from meshwise import cli
+
+HERE = os.path.dirname(__file__)
+SCRIPT = os.path.join(HERE, "scripts", "train_tiny.py")
+BIN = os.path.dirname(sys.executable)
+DEADLINE = 90  # seconds for any one launched job; a hang fails the test, never the suite
+
+
+def start(*argv: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, deadline: float = DEADLINE) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=deadline)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, err = proc.communicate()
+        pytest.fail(f"{proc.args} still running after {deadline} s (killed):\n{err[-3000:]}")
+    return proc.returncode, out, err
+
+
+def params(path: str) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)
+
+
+def test_same_script_under_meshwise_run_torchrun_and_python(tmp_path) -> None:
+    # two meshwise runs at once: each picks its own loopback port, so neither collides
+    runs = [start(f"{BIN}/meshwise", "run", "--nproc", "2", SCRIPT, str(tmp_path / f"mw{i}.pt")) for i in range(2)]
+    torchrun = start(f"{BIN}/torchrun", "--standalone", "--nproc-per-node", "2", SCRIPT, str(tmp_path / "tr.pt"))
+    plain = start(sys.executable, SCRIPT, str(tmp_path / "py.pt"))
+    for proc in [*runs, torchrun, plain]:
+        code, out, err = finish(proc)
+        assert code == 0, err[-3000:]
+    report = json.loads(out.strip().splitlines()[-1])  # the plain run's
+    assert report["world"] == 1 and report["plan"] == "dp=1" and report["steps"] == 8
+
+    mw0, mw1, tr, py = (params(tmp_path / f) for f in ("mw0.pt", "mw1.pt", "tr.pt", "py.pt"))
+    for name in mw0:
+        assert torch.equal(mw0[name], mw1[name]) and torch.equal(mw0[name], tr[name]), name
+        # dp=2 vs one process: the same update up to summation order (fp32)
+        torch.testing.assert_close(mw0[name], py[name], rtol=0, atol=1e-5)
+
+
+def test_plan_flag_sets_world_and_plan(tmp_path) -> None:
+    code, out, err = finish(start(f"{BIN}/meshwise", "run", "--plan", "dp=2,microbatches=2", "--device", "cpu",
+                                  SCRIPT, str(tmp_path / "p.pt")))
+    assert code == 0, err[-3000:]
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["world"] == 2 and report["plan"] == "dp=2,microbatches=2"
+
+
+def test_a_failing_rank_stops_the_job_reports_once_and_leaves_nothing(tmp_path) -> None:
+    token = uuid.uuid4().hex  # marks this job's processes in /proc
+    begin = time.monotonic()
+    code, out, err = finish(start(f"{BIN}/meshwise", "run", "--nproc", "2", SCRIPT, str(tmp_path / token), "1"), 60)
+    elapsed = time.monotonic() - begin
+    assert code != 0
+    assert elapsed < 30, f"the job took {elapsed:.1f} s to fail"
+    assert err.count("planted failure on rank 1 at step 3") == 2, err  # traceback's last line + summary line
+    assert err.count("Traceback (most recent call last)") == 1, err
+    assert "rank 1 failed" in err
+    time.sleep(0.5)
+    assert not _processes_with(token), "worker processes were left running"
+
+
+def _processes_with(token: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if token.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["run", "--nproc", "0", SCRIPT], ["nproc=0", ">= 1"]),
+    (["run", "--plan", "dp=two", SCRIPT], ["dp='two'", "integer"]),
+    (["run", "--plan", "dp=4", "--nproc", "2", SCRIPT], ["needs 4 processes", "nproc=2"]),
+    (["run", "--nproc", "2", "no_such_script.py"], ["no_such_script.py", "not found"]),
+    (["run", "--nnodes", "2", SCRIPT], ["--rdzv-endpoint"]),
+    (["run", "--nnodes", "2", "--rdzv-endpoint", "hostonly", SCRIPT], ["HOST:PORT"]),
+    (["demo", "--epochs", "0"], ["--epochs=0"]),
+    (["launch", SCRIPT], ["invalid choice"]),
+    (["run", "--device", "tpu", SCRIPT], ["invalid choice", "tpu"]),
+])
+def test_bad_arguments_are_one_line_and_exit_2(argv: list[str], words: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    for word in words:
+        assert word in err
+
+
+def square_plus_rank(k: int) -> int:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    t = torch.tensor([dist.get_rank()])
+    dist.all_reduce(t)
+    return k * k + int(t)
+
+
+def fail_on_rank_1() -> None:
+    if os.environ["RANK"] == "1":
+        raise KeyError("rank 1 has no such key")
+    time.sleep(60)  # rank 0 would wait; the agent must stop it
+
+
+def test_launch_returns_rank_0s_result() -> None:
+    assert mw.launch(square_plus_rank, nproc=2, args=(3,)) == 9 + 1
+
+
+def test_launch_raises_the_workers_exception_and_stops_the_others() -> None:
+    begin = time.monotonic()
+    with pytest.raises(KeyError, match="rank 1 has no such key") as info:
+        mw.launch(fail_on_rank_1, nproc=2)
+    assert time.monotonic() - begin < 30
+    assert any("raised on rank 1" in note for note in getattr(info.value, "__notes__", []))
