@@ -41,7 +41,7 @@ def reference(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: i
     return losses
 
 
-def train_cases(dp: int) -> list[dict]:
+def train_cases(dp: int, ref_device: str = "cpu") -> list[dict]:
     out = []
     for n, batch, microbatches in CASES:
         model = mlp(seed=n)
@@ -52,7 +52,7 @@ def train_cases(dp: int) -> list[dict]:
             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), sample=(x[:2], y[:2]),
         )
         losses = [engine.step(b) for e in range(EPOCHS) for b in engine.loader((x, y), batch, seed=7, epoch=e)]
-        ref_losses = reference(ref, x, y, batch, seed=7)
+        ref_losses = reference(ref.to(ref_device), x.to(ref_device), y.to(ref_device), batch, seed=7)
         out.append({
             "case": (n, batch, microbatches),
             "diffs": max_diff_by_name(engine.model, ref),

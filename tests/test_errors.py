@@ -1,0 +1,62 @@
+"""Bad input to the API: each gets an error that names the values and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import harness
+import meshwise as mw
+from models import classification, mlp
+
+
+def _message(fn) -> str:
+    try:
+        fn()
+    except (ValueError, TypeError, NotImplementedError) as error:
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+def api_errors() -> dict[str, str]:
+    x, y = classification(16)
+    opt = lambda p: torch.optim.SGD(p, lr=0.1)  # noqa: E731
+    engine = mw.parallelize(mlp(), loss_fn=F.cross_entropy, optimizer=opt, sample=(x[:1], y[:1]))
+    sum_engine = mw.parallelize(mlp(), loss_fn=lambda o, t: F.cross_entropy(o, t, reduction="none"), optimizer=opt)
+    return {
+        "world": _message(lambda: mw.parallelize(mlp(), mw.Plan(dp=4), loss_fn=F.cross_entropy, optimizer=opt)),
+        "pp": _message(lambda: mw.parallelize(mlp(), mw.Plan(pp=2), loss_fn=F.cross_entropy, optimizer=opt)),
+        "zero": _message(lambda: mw.parallelize(mlp(), "dp=2,zero=3", loss_fn=F.cross_entropy, optimizer=opt)),
+        "shape": _message(lambda: engine.step((torch.zeros(4, 5), y[:4]))),
+        "dtype": _message(lambda: engine.step((x[:4].double(), y[:4]))),
+        "pair": _message(lambda: engine.step(x[:4])),
+        "small_batch": _message(lambda: next(engine.loader((x, y), batch_size=1))),
+        "empty": _message(lambda: next(engine.loader((x[:0], y[:0]), batch_size=4))),
+        "loss": _message(lambda: sum_engine.step((x[:4], y[:4]))),
+        "optimizer": _message(lambda: mw.parallelize(mlp(), loss_fn=F.cross_entropy, optimizer="adam")),
+        "model": _message(lambda: mw.parallelize(lambda v: v, loss_fn=F.cross_entropy, optimizer=opt)),
+    }
+
+
+@pytest.fixture(scope="module")
+def errors() -> dict[str, str]:
+    return harness.run(api_errors, world=2, deadline=90)[0]
+
+
+@pytest.mark.parametrize(("case", "words"), [
+    ("world", ["ValueError", "needs 4 processes", "has 2"]),
+    ("pp", ["NotImplementedError", "pp=2", "not available yet"]),
+    ("zero", ["NotImplementedError", "zero=3", "not available yet", "dp=2"]),
+    ("shape", ["ValueError", "(B, 5) float32", "(B, 8) float32"]),
+    ("dtype", ["ValueError", "float64", "float32"]),
+    ("pair", ["TypeError", "(inputs, targets)"]),
+    ("small_batch", ["ValueError", "batch_size=1", "batch_size >= 2"]),
+    ("empty", ["ValueError", "empty"]),
+    ("loss", ["ValueError", "(4,)", "scalar", "mean"]),
+    ("optimizer", ["TypeError", "function of the parameters"]),
+    ("model", ["TypeError", "torch.nn.Module"]),
+])
+def test_api_errors_name_the_values(errors: dict[str, str], case: str, words: list[str]) -> None:
+    for word in words:
+        assert word in errors[case], errors[case]
