@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -41,20 +42,30 @@ def params(path: str) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)
 
 
-def test_same_script_under_meshwise_run_torchrun_and_python(tmp_path) -> None:
-    # two meshwise runs at once: each picks its own loopback port, so neither collides
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_same_script_under_meshwise_run_torchrun_two_hosts_and_python(tmp_path) -> None:
+    """All at once: two local meshwise runs (each picks its own loopback port, so they do
+    not collide), torchrun, a two-host job (both hosts on loopback) and plain python."""
     runs = [start(f"{BIN}/meshwise", "run", "--nproc", "2", SCRIPT, str(tmp_path / f"mw{i}.pt")) for i in range(2)]
     torchrun = start(f"{BIN}/torchrun", "--standalone", "--nproc-per-node", "2", SCRIPT, str(tmp_path / "tr.pt"))
+    endpoint = f"127.0.0.1:{free_port()}"
+    hosts = [start(f"{BIN}/meshwise", "run", "--nnodes", "2", "--node-rank", str(r), "--nproc", "1",
+                   "--rdzv-endpoint", endpoint, SCRIPT, str(tmp_path / "hosts.pt")) for r in (1, 0)]
     plain = start(sys.executable, SCRIPT, str(tmp_path / "py.pt"))
-    for proc in [*runs, torchrun, plain]:
+    for proc in [*runs, torchrun, *hosts, plain]:
         code, out, err = finish(proc)
-        assert code == 0, err[-3000:]
+        assert code == 0, f"{proc.args}:\n{err[-3000:]}"
     report = json.loads(out.strip().splitlines()[-1])  # the plain run's
     assert report["world"] == 1 and report["plan"] == "dp=1" and report["steps"] == 8
 
-    mw0, mw1, tr, py = (params(tmp_path / f) for f in ("mw0.pt", "mw1.pt", "tr.pt", "py.pt"))
+    mw0, mw1, tr, hosts, py = (params(tmp_path / f) for f in ("mw0.pt", "mw1.pt", "tr.pt", "hosts.pt", "py.pt"))
     for name in mw0:
-        assert torch.equal(mw0[name], mw1[name]) and torch.equal(mw0[name], tr[name]), name
+        assert all(torch.equal(mw0[name], other[name]) for other in (mw1, tr, hosts)), name
         # dp=2 vs one process: the same update up to summation order (fp32)
         torch.testing.assert_close(mw0[name], py[name], rtol=0, atol=1e-5)
 
