@@ -59,7 +59,12 @@ def share(indices: torch.Tensor, dp_rank: int, dp_size: int) -> torch.Tensor:
 
 
 def fetch(dataset: Dataset, indices: torch.Tensor) -> Any:
-    """Collate ``dataset[i] for i in indices`` into one batch (one gather for tensor data)."""
+    """Collate ``dataset[i] for i in indices`` into one batch (one gather for tensor data).
+
+    No indices give a batch of the dataset's structure with 0 rows.
+    """
+    if len(indices) == 0 and not isinstance(dataset, TensorDataset):
+        return map_tensors(lambda t: t[:0], fetch(dataset, torch.zeros(1, dtype=torch.long)))
     if isinstance(dataset, TensorDataset):
         batch = tuple(t[indices] for t in dataset.tensors)
         return batch[0] if len(batch) == 1 else batch

@@ -101,8 +101,7 @@ class Engine:
         self.loss_fn = loss_fn
         self.sample = sample
         self.steps = 0
-        model.to(self.device)
-        self._replica = _Replica(model).to(self.device)
+        self._replica = _Replica(model).to(self.device)  # in place: optimizers built on model stay valid
         self._ddp = DistributedDataParallel(
             self._replica,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -258,13 +257,18 @@ class Engine:
         return loss
 
     def _check(self, batch: Any) -> None:
-        if self.sample is None:
-            self.sample = data.map_tensors(lambda t: t[:1].cpu(), batch)
-        else:
+        if self.sample is not None:
             data.check_spec(batch, self.sample)
+        elif data.batch_size_of(batch):  # no sample given: the first batch fixes the shapes
+            self.sample = data.map_tensors(lambda t: t[:1].cpu(), batch)
 
     def _placeholder(self) -> Any:
         """One row of the sample, on this device: a stand-in for an empty share."""
+        if self.sample is None:
+            raise ValueError(
+                "this replica's share of the batch is empty and there is no sample to stand in "
+                "for it; pass sample=(x, y) (one example batch) to meshwise.parallelize"
+            )
         return data.to_device(data.map_tensors(lambda t: t[:1], self.sample), self.device)
 
     def _global_size(self, batch: Any, local: int) -> int:

@@ -20,9 +20,11 @@ import meshwise as mw
 from models import classification, max_diff_by_name, mlp
 
 TOL = 1e-5
-# (samples, global batch, microbatches): even; uneven tail; uneven tail with uneven
-# micro-batches; a tail of 2 samples, fewer than dp=4 replicas.
-CASES = [(64, 16, 1), (61, 16, 1), (61, 16, 3), (50, 16, 4)]
+# (samples, global batch, microbatches, dataset kind): even; uneven tail; uneven tail
+# with uneven micro-batches; a tail of 2 samples, fewer than dp=4 replicas, from
+# tensors and from a plain list of (x, y) pairs (the generic collate path).
+CASES = [(64, 16, 1, "tensors"), (61, 16, 1, "tensors"), (61, 16, 3, "tensors"), (50, 16, 4, "tensors"),
+         (50, 16, 1, "list")]
 EPOCHS = 2
 
 
@@ -43,7 +45,7 @@ def reference(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: i
 
 def train_cases(dp: int, ref_device: str = "cpu") -> list[dict]:
     out = []
-    for n, batch, microbatches in CASES:
+    for n, batch, microbatches, kind in CASES:
         model = mlp(seed=n)
         ref = copy.deepcopy(model)
         x, y = classification(n)
@@ -51,10 +53,11 @@ def train_cases(dp: int, ref_device: str = "cpu") -> list[dict]:
             model, mw.Plan(dp=dp, microbatches=microbatches), loss_fn=F.cross_entropy,
             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), sample=(x[:2], y[:2]),
         )
-        losses = [engine.step(b) for e in range(EPOCHS) for b in engine.loader((x, y), batch, seed=7, epoch=e)]
+        dataset = (x, y) if kind == "tensors" else list(zip(x, y))
+        losses = [engine.step(b) for e in range(EPOCHS) for b in engine.loader(dataset, batch, seed=7, epoch=e)]
         ref_losses = reference(ref.to(ref_device), x.to(ref_device), y.to(ref_device), batch, seed=7)
         out.append({
-            "case": (n, batch, microbatches),
+            "case": (n, batch, microbatches, kind),
             "diffs": max_diff_by_name(engine.model, ref),
             "losses": losses,
             "ref_losses": ref_losses,
