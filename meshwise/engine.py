@@ -100,6 +100,7 @@ class Engine:
         self.dp_group = dist.group.WORLD
         self.loss_fn = loss_fn
         self.sample = sample
+        self._sample_spec: Any = None
         self.steps = 0
         self._replica = _Replica(model).to(self.device)  # in place: optimizers built on model stay valid
         self._ddp = DistributedDataParallel(
@@ -172,25 +173,25 @@ class Engine:
         self._check(batch)
         local = data.batch_size_of(batch)
         total = self._global_size(batch, local)
-        batch = data.to_device(batch, self.device)
+        if self.device.type != "cpu":
+            batch = data.to_device(batch, self.device)
         if local == 0:  # an uneven tail left this replica nothing: join the all-reduce with zeros
             parts = [(self._placeholder(), 0)]
         elif self.plan.microbatches == 1:
             parts = [(batch, local)]
         else:
             parts = [(p, data.batch_size_of(p)) for p in data.split(batch, self.plan.microbatches)]
-        sums = []
+        carried = []  # dp * (sum of per-sample losses) per micro-batch, without autograd history
         for i, (part, size) in enumerate(parts):
             inputs, targets = data.unpack(part)
             weight = size * self.dp_size / total
             last = i == len(parts) - 1
             with nullcontext() if last else self._ddp.no_sync():
                 loss = self._loss(data.call(self._ddp, inputs), targets)
-                sums.append(loss.detach() * size if size else torch.zeros((), device=self.device))
                 objective = loss if weight == 1.0 else loss * weight
+                carried.append(loss.detach() * (size * self.dp_size))
                 if last:  # the loss sum rides along with the gradients' all-reduce (see _Replica)
-                    loss_sum = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
-                    objective = objective + self._replica.carry(loss_sum * self.dp_size)
+                    objective = self._replica.carry(objective, carried[0] if len(carried) == 1 else sum(carried))
                 objective.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -257,10 +258,13 @@ class Engine:
         return loss
 
     def _check(self, batch: Any) -> None:
-        if self.sample is not None:
-            data.check_spec(batch, self.sample)
-        elif data.batch_size_of(batch):  # no sample given: the first batch fixes the shapes
+        if self.sample is None and data.batch_size_of(batch):  # no sample: the first batch fixes the shapes
             self.sample = data.map_tensors(lambda t: t[:1].cpu(), batch)
+        if self.sample is not None:
+            if self._sample_spec is None:
+                self._sample_spec = data.spec(self.sample)
+            if data.spec(batch) != self._sample_spec:
+                data.check_spec(batch, self.sample)  # raises, naming both
 
     def _placeholder(self) -> Any:
         """One row of the sample, on this device: a stand-in for an empty share."""
@@ -300,9 +304,9 @@ class _Replica(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
-    def carry(self, value: torch.Tensor) -> torch.Tensor:
-        """A term whose gradient w.r.t. the carrier is ``value`` (and zero elsewhere)."""
-        return self.loss_carrier * value.detach()
+    def carry(self, objective: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """``objective + carrier * value``: the carrier's gradient is ``value``, the rest unchanged."""
+        return torch.addcmul(objective, self.loss_carrier, value)
 
     def take(self) -> torch.Tensor:
         """The all-reduced sum, read once and cleared."""
