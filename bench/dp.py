@@ -3,15 +3,14 @@
     python bench/dp.py                 # 2 workers on the CPU (gloo)
     python bench/dp.py --nproc 4 --rounds 9
 
-Both sides train the same seeded MLP with the same AdamW, world size, global batch and
-sample order, in one invocation: each round times K steps of one, then K steps of the
-other (the order alternates between rounds, so drift in machine speed hits both), and
-every size runs twice, allocating meshwise's model first in one run and DDP's in the
-other (allocation order alone moved the ratio by ~5% on this machine).
+Both sides train the same seeded MLP with the same AdamW, world size, global batch
+and sample order, in one invocation. Each round builds both sides afresh and times K
+steps of one, then K steps of the other; the order alternates between rounds, so
+drift in machine speed and the luck of memory placement fall on both sides alike.
 The plain loop is what a DDP user writes: ``zero_grad; loss = loss_fn(ddp(x), y);
-loss.backward(); step; loss.item()``, fed by the same index gather as meshwise's loader.
-meshwise additionally returns the *global* mean loss (an all-reduce the plain loop does
-not do). Printed: median step time per side, the median over rounds of the ratio
+loss.backward(); step; loss.item()``, fed by the same index gather as meshwise's
+loader. meshwise does more: it returns the *global* mean loss (carried in the gradient
+all-reduce) and checks each batch against the sample. Printed: median step time per side, the median over rounds of the ratio
 meshwise / DDP (each round's two blocks ran back to back), and its spread.
 """
 
@@ -20,15 +19,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 import meshwise as mw
 
-SIZES = {  # name: (d_in, hidden, classes) -- a latency-bound and a bandwidth-bound model
-    "small": (64, 128, 10),
-    "medium": (512, 1024, 10),
+SIZES = {  # name: (d_in, hidden, classes, steps per timed block of ~0.4 s)
+    "small": (64, 128, 10, 160),  # latency-bound: ~2.5 ms steps on 2 CPU processes
+    "medium": (512, 1024, 10, 16),  # bandwidth-bound: ~23 ms steps
 }
 
 
@@ -41,80 +41,83 @@ def _model(d_in: int, hidden: int, classes: int) -> torch.nn.Module:
     )
 
 
-def _worker(size: str, batch: int, steps: int, rounds: int, meshwise_first: bool) -> dict:
+def _worker(size: str, batch: int, rounds: int) -> dict:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    d_in, hidden, classes = SIZES[size]
+    d_in, hidden, classes, steps = SIZES[size]
     n = batch * steps
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(n, d_in, generator=g), torch.randint(0, classes, (n,), generator=g)
-
-    def build_meshwise() -> mw.Engine:
-        return mw.parallelize(_model(d_in, hidden, classes), loss_fn=F.cross_entropy,
-                              optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), sample=(x[:1], y[:1]))
-
-    if meshwise_first:
-        engine = build_meshwise()
-    else:
-        dist.init_process_group("gloo")
-    ddp = DistributedDataParallel(_model(d_in, hidden, classes))
-    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
-    if not meshwise_first:
-        engine = build_meshwise()
+    dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
 
-    def run_meshwise(epoch: int) -> float:
-        start = time.perf_counter()
-        for b in engine.loader((x, y), batch, seed=0, epoch=epoch):
-            engine.step(b)
-        return (time.perf_counter() - start) / steps
+    def meshwise_side() -> Callable[[int], float]:
+        engine = mw.parallelize(_model(d_in, hidden, classes), loss_fn=F.cross_entropy,
+                                optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), sample=(x[:1], y[:1]))
 
-    def run_ddp(epoch: int) -> float:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
-        start = time.perf_counter()
-        for idx in order.split(batch):
-            mine = idx.tensor_split(world)[rank]
-            xb, yb = x[mine], y[mine]
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(ddp(xb), yb)
-            loss.backward()
-            opt.step()
-            loss.item()
-        return (time.perf_counter() - start) / steps
+        def run(epoch: int) -> float:
+            start = time.perf_counter()
+            for b in engine.loader((x, y), batch, seed=0, epoch=epoch):
+                engine.step(b)
+            return (time.perf_counter() - start) / steps
 
-    run_meshwise(0), run_ddp(0)  # warm-up
+        return run
+
+    def ddp_side() -> Callable[[int], float]:
+        ddp = DistributedDataParallel(_model(d_in, hidden, classes))
+        opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
+
+        def run(epoch: int) -> float:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
+            start = time.perf_counter()
+            for idx in order.split(batch):
+                mine = idx.tensor_split(world)[rank]
+                xb, yb = x[mine], y[mine]
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(ddp(xb), yb)
+                loss.backward()
+                opt.step()
+                loss.item()
+            return (time.perf_counter() - start) / steps
+
+        return run
+
     times: dict[str, list[float]] = {"meshwise": [], "ddp": []}
-    for r in range(rounds):
-        pair = [("meshwise", run_meshwise), ("ddp", run_ddp)]
-        for name, fn in pair if r % 2 == 0 else reversed(pair):
+    for r in range(rounds + 1):
+        # Fresh models every round, built and run in alternating order: where a model's
+        # memory lands moved its step time by up to 25% on a 2-core machine, so placement
+        # and order must vary between rounds rather than favour one side throughout.
+        sides = [("meshwise", meshwise_side), ("ddp", ddp_side)]
+        if r % 2:
+            sides.reverse()
+        runs = [(name, build()) for name, build in sides]
+        for name, run in runs:
+            run(0)  # warm-up
             dist.barrier()
-            times[name].append(fn(r + 1))
-    params = sum(p.numel() for p in ddp.parameters())
+            elapsed = run(r + 1)
+            if r:  # round 0 warms up the process as a whole
+                times[name].append(elapsed)
+        del runs
     ratios = sorted(m / d for m, d in zip(times["meshwise"], times["ddp"]))  # per round: neighbours in time
-    return {"params": params, "ratios": ratios, "meshwise_all": times["meshwise"], "ddp_all": times["ddp"]}
+    params = sum(p.numel() for p in _model(d_in, hidden, classes).parameters())
+    return {"params": params, "ratios": ratios, **{k: statistics.median(v) for k, v in times.items()}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64, help="global batch")
-    parser.add_argument("--steps", type=int, default=40, help="steps per timed block")
-    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
 
     print(f"meshwise vs plain DDP: {args.nproc} workers, global batch {args.batch}, "
-          f"median of 2 x {args.rounds} rounds x {args.steps} steps")
+          f"median of {args.rounds} rounds of ~0.4 s per side, fresh models each round")
     print(f"{'model':8} {'params':>10} {'meshwise ms':>12} {'DDP ms':>9} {'ratio':>7}   per-round ratio min..max")
     for size in SIZES:
-        # Which model is allocated first measurably changes its speed (memory placement),
-        # so each size runs twice, once in each order, and the rounds are pooled.
-        runs = [mw.launch(_worker, nproc=args.nproc, args=(size, args.batch, args.steps, args.rounds, first),
-                          device="cpu") for first in (True, False)]
-        ratios = sorted(q for r in runs for q in r["ratios"])
-        mesh = statistics.median(t for r in runs for t in r["meshwise_all"])
-        ddp = statistics.median(t for r in runs for t in r["ddp_all"])
-        print(f"{size:8} {runs[0]['params']:>10,} {mesh * 1e3:>12.3f} {ddp * 1e3:>9.3f} "
+        r = mw.launch(_worker, nproc=args.nproc, args=(size, args.batch, args.rounds), device="cpu")
+        ratios = r["ratios"]
+        print(f"{size:8} {r['params']:>10,} {r['meshwise'] * 1e3:>12.3f} {r['ddp'] * 1e3:>9.3f} "
               f"{statistics.median(ratios):>7.3f}   {ratios[0]:.3f}..{ratios[-1]:.3f}")
 
 
