@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -53,6 +54,22 @@ def pick_device(choice: str | torch.device | None, local_rank: int) -> torch.dev
     return torch.device("cuda", local_rank)
 
 
+def _attempt_store() -> dist.Store | None:
+    """The elastic agent's store, seen through a prefix private to this restart attempt.
+
+    Workers of the elastic agent (``meshwise run``, ``torchrun``) share its store across
+    restarts, but ``init_process_group("env://")`` does not prefix keys per attempt: a
+    restarted worker could read a dead peer's address or a stale barrier count, which
+    shows up as "Connection refused" in gloo's connectFullMesh or as a hang. None
+    outside the agent (env:// then works as usual).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(minutes=5))
+    return dist.PrefixStore(f"meshwise/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init(device: str | torch.device | None = None) -> Context:
     """Join the job's default process group (once per process) and return this rank's Context.
 
@@ -69,6 +86,7 @@ def init(device: str | torch.device | None = None) -> Context:
         if env_world > 1 or "MASTER_ADDR" in os.environ:
             dist.init_process_group(
                 backend,
+                store=_attempt_store(),
                 rank=int(os.environ["RANK"]),
                 world_size=env_world,
                 device_id=dev if dev.type == "cuda" else None,

@@ -150,3 +150,12 @@ def test_launch_raises_the_workers_exception_and_stops_the_others() -> None:
         mw.launch(fail_on_rank_1, nproc=2)
     assert time.monotonic() - begin < 30
     assert any("raised on rank 1" in note for note in getattr(info.value, "__notes__", []))
+
+
+def test_max_restarts_restarts_the_job_after_a_failure() -> None:
+    # Also guards against stale rendezvous keys: a restarted worker must not read the
+    # previous attempt's addresses (gloo "Connection refused") or barrier counts (a hang).
+    code, out, err = finish(start(f"{BIN}/meshwise", "run", "--nproc", "2", "--max-restarts", "1",
+                                  os.path.join(HERE, "scripts", "fail_once.py")), 60)
+    assert code == 0, err[-3000:]
+    assert "finished in attempt 1 after 2 steps" in out
