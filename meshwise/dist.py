@@ -16,6 +16,10 @@ import torch
 import torch.distributed as dist
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+# What the launcher (``meshwise run --plan/--device``, ``launch(plan=, device=)``) hands
+# its workers; read once, by ``parallelize``, never deeper in the code.
+PLAN_ENV = "MESHWISE_PLAN"
+DEVICE_ENV = "MESHWISE_DEVICE"
 
 
 @dataclass(frozen=True)

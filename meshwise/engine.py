@@ -31,9 +31,6 @@ from meshwise import data
 from meshwise import dist as mwdist
 from meshwise.plan import Plan, resolve_plan
 
-PLAN_ENV = "MESHWISE_PLAN"
-DEVICE_ENV = "MESHWISE_DEVICE"
-
 LossFn = Callable[[Any, Any], torch.Tensor]
 OptimizerArg = Callable[[Any], torch.optim.Optimizer] | torch.optim.Optimizer
 
@@ -58,8 +55,8 @@ def parallelize(
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"parallelize expects a torch.nn.Module, got {type(model).__name__}")
-    ctx = mwdist.init(device if device is not None else os.environ.get(DEVICE_ENV))
-    plan = resolve_plan(plan if plan is not None else os.environ.get(PLAN_ENV) or None, ctx.world_size)
+    ctx = mwdist.init(device if device is not None else os.environ.get(mwdist.DEVICE_ENV))
+    plan = resolve_plan(plan if plan is not None else os.environ.get(mwdist.PLAN_ENV) or None, ctx.world_size)
     _reject_unavailable(plan)
     return Engine(model, plan, ctx, loss_fn=loss_fn, optimizer=optimizer, sample=sample)
 

@@ -30,10 +30,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from meshwise.dist import DEVICE_ENV, PLAN_ENV
 from meshwise.plan import Plan
 
-PLAN_ENV = "MESHWISE_PLAN"
-DEVICE_ENV = "MESHWISE_DEVICE"
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
 
 
@@ -122,7 +121,7 @@ def _environment(job: Job, plan: Plan | str | None, device: str | None) -> Itera
         if device is not None:
             os.environ[DEVICE_ENV] = device
         if "OMP_NUM_THREADS" not in os.environ:
-            os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // job.nproc))
+            os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // job.nproc))
         if not os.environ.get("MESHWISE_VERBOSE"):
             agent_log.setLevel(logging.CRITICAL)
         yield run_dir
@@ -216,6 +215,11 @@ def launch(
     job = Job(nproc=nproc)
     if not callable(fn):
         raise TypeError(f"launch expects a function, got {type(fn).__name__}")
+    if plan is not None:
+        plan = plan if isinstance(plan, Plan) else Plan.parse(plan)
+        if plan.world_size != nproc:
+            raise ValueError(f"plan {plan} needs {plan.world_size} processes but launch was given nproc={nproc}; "
+                             f"make them equal")
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
