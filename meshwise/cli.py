@@ -9,6 +9,8 @@ import argparse
 import os
 import sys
 
+import torch
+
 from meshwise.dist import DEVICE_CHOICES
 from meshwise.launch import Job, run_command
 from meshwise.plan import Plan
@@ -63,6 +65,8 @@ def _job(parser: argparse.ArgumentParser, ns: argparse.Namespace, default_nproc:
                 f"plan {plan} needs {plan.world_size} processes but the job has {job.world_size} "
                 f"(nproc={job.nproc} x nnodes={job.nnodes}); make them equal"
             )
+        if ns.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but CUDA is not available here; use --device cpu or auto")
     except ValueError as error:
         parser.error(str(error))
     return job, str(plan) if plan is not None else None

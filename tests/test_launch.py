@@ -125,6 +125,18 @@ def test_bad_arguments_are_one_line_and_exit_2(argv: list[str], words: list[str]
         assert word in err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_device_cuda_without_cuda_is_a_bad_argument(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", "--device", "cuda", SCRIPT])
+    assert info.value.code == 2 and "CUDA is not available" in capsys.readouterr().err
+
+
+def test_launch_checks_the_plan_against_nproc_before_starting() -> None:
+    with pytest.raises(ValueError, match="needs 4 processes.*nproc=2"):
+        mw.launch(square_plus_rank, nproc=2, args=(1,), plan="dp=4")
+
+
 def square_plus_rank(k: int) -> int:
     import torch.distributed as dist
 
