@@ -9,7 +9,8 @@
 from meshwise.engine import Engine, parallelize
 from meshwise.launch import WorkerFailed, launch
 from meshwise.parallel_map import map
+from meshwise.partition import Partition, partition
 from meshwise.plan import Plan
 
-__all__ = ["Engine", "Plan", "WorkerFailed", "launch", "map", "parallelize"]
+__all__ = ["Engine", "Partition", "Plan", "WorkerFailed", "launch", "map", "parallelize", "partition"]
 __version__ = "0.1.0"

@@ -1,0 +1,250 @@
+"""Cut a model into pipeline stages of balanced measured cost.
+
+    part = meshwise.partition(model, sample, stages=4)   # sample = (x, y), one batch
+    print(part)                                          # per stage: layers, params, ms, bytes
+
+Three steps:
+
+1. **Layers.** The model must run as a chain ``x -> layer_0 -> layer_1 -> ... -> out``:
+   an ``nn.Sequential``, or a model whose forward calls its children one after the
+   other (a ModuleList of blocks counts as its blocks). The chain is checked by running
+   the sample with forward hooks, not assumed: each layer must receive exactly the
+   tensor the previous one returned.
+2. **Costs.** Each layer is timed on the sample, forward plus backward (median of a
+   few repeats after a warm-up); the bytes it saves for backward are counted with
+   saved-tensor hooks (parameters excluded), not estimated.
+3. **Balance.** The contiguous split into ``stages`` parts that minimises the slowest
+   stage's time, exactly, by dynamic programming over split points (O(stages * L^2)
+   for L layers), optionally under a per-stage memory limit (parameter bytes plus
+   saved-activation bytes). Equal layer counts are not balanced when layers differ:
+   a pipeline runs at the pace of its slowest stage.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from meshwise import data
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One splittable layer and what it costs on the sample."""
+
+    name: str
+    params: int
+    """Parameter count."""
+    param_bytes: int
+    ms: float
+    """Forward + backward time on the sample, milliseconds."""
+    activation_bytes: int
+    """Bytes its forward saves for the backward pass (parameters excluded)."""
+    output_bytes: int
+    """Bytes of its output: what a stage boundary after it sends to the next stage."""
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.param_bytes + self.activation_bytes
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Stages as half-open ranges of layer indices: stage s holds layers[start:stop]."""
+
+    layers: tuple[Layer, ...]
+    bounds: tuple[tuple[int, int], ...]
+
+    def stage_layers(self, stage: int) -> tuple[Layer, ...]:
+        start, stop = self.bounds[stage]
+        return self.layers[start:stop]
+
+    def stage_ms(self, stage: int) -> float:
+        return sum(layer.ms for layer in self.stage_layers(stage))
+
+    @property
+    def bottleneck_ms(self) -> float:
+        """The slowest stage's time: the pipeline's pace."""
+        return max(self.stage_ms(s) for s in range(len(self.bounds)))
+
+    def __str__(self) -> str:
+        rows = [f"{'stage':>5}  {'layers':<32} {'params':>10} {'ms':>8} {'act bytes':>11} {'out bytes':>10}"]
+        for s in range(len(self.bounds)):
+            ls = self.stage_layers(s)
+            names = ls[0].name if len(ls) == 1 else f"{ls[0].name} .. {ls[-1].name} ({len(ls)})"
+            rows.append(
+                f"{s:>5}  {names:<32} {sum(x.params for x in ls):>10,} {self.stage_ms(s):>8.3f} "
+                f"{sum(x.activation_bytes for x in ls):>11,} {ls[-1].output_bytes:>10,}"
+            )
+        mean = sum(self.stage_ms(s) for s in range(len(self.bounds))) / len(self.bounds)
+        rows.append(f"bottleneck {self.bottleneck_ms:.3f} ms; balance (mean/max) {mean / self.bottleneck_ms:.2f}")
+        return "\n".join(rows)
+
+
+def balance(costs: Sequence[float], stages: int, *, memory: Sequence[int] | None = None,
+            limit: int | None = None) -> list[tuple[int, int]]:
+    """Contiguous split of ``costs`` into ``stages`` non-empty parts minimising the largest sum.
+
+    With ``memory`` and ``limit``, every part's memory sum must stay <= limit. Exact:
+    best[k][i] = min over j < i of max(best[k-1][j], cost(j, i)), the cheapest way to
+    put the first i layers into k stages.
+    """
+    n = len(costs)
+    if not 1 <= stages <= n:
+        raise ValueError(f"cannot cut {n} layers into {stages} non-empty stages; use 1..{n} stages")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    mem_prefix = [0]
+    for m in memory or [0] * n:
+        mem_prefix.append(mem_prefix[-1] + m)
+
+    def fits(j: int, i: int) -> bool:
+        return limit is None or mem_prefix[i] - mem_prefix[j] <= limit
+
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, stages + 1):
+        for i in range(k, n - (stages - k) + 1):
+            for j in range(k - 1, i):
+                if best[k - 1][j] == inf or not fits(j, i):
+                    continue
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                if value < best[k][i]:
+                    best[k][i], cut[k][i] = value, j
+    if best[stages][n] == inf:
+        worst = max(range(n), key=lambda i: mem_prefix[i + 1] - mem_prefix[i])
+        raise ValueError(
+            f"no split into {stages} stages keeps every stage within {limit:,} bytes (layer {worst} alone "
+            f"needs {mem_prefix[worst + 1] - mem_prefix[worst]:,}); raise the limit or use more stages"
+        )
+    bounds, i = [], n
+    for k in range(stages, 0, -1):
+        bounds.append((cut[k][i], i))
+        i = cut[k][i]
+    return bounds[::-1]
+
+
+def chain_layers(model: torch.nn.Module, inputs: Any) -> list[tuple[str, torch.nn.Module]]:
+    """The model's layers in call order, checked to form a chain on ``inputs``."""
+    candidates = _candidates(model)
+    if len(candidates) < 2:
+        raise ValueError(
+            f"{type(model).__name__} has {len(candidates)} child module(s) to split between; "
+            f"pipeline stages need a model made of a chain of layers (nn.Sequential, or children "
+            f"called one after the other in forward)"
+        )
+    seen: list[tuple[str, Any, Any]] = []
+    hooks = [
+        module.register_forward_hook(lambda mod, args, out, name=name: seen.append((name, args, out)))
+        for name, module in candidates
+    ]
+    try:
+        with torch.no_grad():
+            output = data.call(model, inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    order = [name for name, _, _ in seen]
+    names = [name for name, _ in candidates]
+    if sorted(order) != sorted(names) or len(set(order)) != len(order):
+        missing = sorted(set(names) - set(order))
+        again = sorted({n for n in order if order.count(n) > 1})
+        why = f"{', '.join(missing)} never ran" if missing else f"{', '.join(again)} ran more than once"
+        raise ValueError(f"{type(model).__name__} is not a chain of its children: {why}; "
+                         f"wrap it as nn.Sequential(...) of the layers forward really runs")
+    first_args = seen[0][1]
+    if not (len(first_args) == 1 and first_args[0] is inputs):
+        raise ValueError(f"{type(model).__name__} is not a chain: its first layer {order[0]} does not receive the "
+                         f"model's input unchanged; move that preprocessing into a module of its own")
+    for (prev, _, out), (name, args, _) in zip(seen, seen[1:]):
+        if not (len(args) == 1 and args[0] is out):
+            raise ValueError(
+                f"{type(model).__name__} is not a chain: {name} does not receive exactly the output of "
+                f"{prev} (forward combines or changes tensors between them, e.g. a residual or an "
+                f"addition of embeddings); put that computation inside a module so the layers form a chain"
+            )
+    if seen[-1][2] is not output:
+        raise ValueError(f"{type(model).__name__} is not a chain: its output is not the output of its last "
+                         f"layer {order[-1]}; move the final computation into a module")
+    by_name = dict(candidates)
+    return [(name, by_name[name]) for name in order]
+
+
+def _candidates(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    out = []
+    for name, child in model.named_children():
+        if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)):
+            out += [(f"{name}.{sub}", m) for sub, m in child.named_children()]
+        else:
+            out.append((name, child))
+    return out
+
+
+def measure(layers: Sequence[tuple[str, torch.nn.Module]], inputs: torch.Tensor, *, repeats: int = 5) -> list[Layer]:
+    """Time and size each layer of a chain on ``inputs`` (forward + backward)."""
+    costs = []
+    x = inputs
+    for name, module in layers:
+        params = list(module.parameters())
+        param_storage = {p.untyped_storage().data_ptr() for p in params}  # views of weights too
+        times = []
+        saved = 0
+        for r in range(repeats + 1):
+            inp = x.detach().requires_grad_(x.is_floating_point())
+            stored: list[int] = []
+
+            def pack(t: torch.Tensor) -> torch.Tensor:
+                if t.untyped_storage().data_ptr() not in param_storage:
+                    stored.append(t.numel() * t.element_size())
+                return t
+
+            start = time.perf_counter()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = module(inp)
+            if out.requires_grad:
+                out.backward(torch.ones_like(out))
+            elapsed = time.perf_counter() - start
+            if r:  # the first run warms up
+                times.append(elapsed)
+            saved = sum(stored)
+            module.zero_grad(set_to_none=True)
+        costs.append(Layer(
+            name=name,
+            params=sum(p.numel() for p in params),
+            param_bytes=sum(p.numel() * p.element_size() for p in params),
+            ms=statistics.median(times) * 1e3,
+            activation_bytes=saved,
+            output_bytes=out.numel() * out.element_size(),
+        ))
+        x = out.detach()
+    return costs
+
+
+def partition(model: torch.nn.Module, sample: Any, stages: int, *, memory_limit: int | None = None) -> Partition:
+    """Split ``model`` into ``stages`` contiguous stages of balanced measured time.
+
+    ``sample`` is one batch ``(x, y)`` (or just ``x``); ``memory_limit`` caps each
+    stage's parameter plus saved-activation bytes.
+    """
+    inputs = data.unpack(sample)[0] if isinstance(sample, (tuple, list)) else sample
+    layers = chain_layers(model, inputs)
+    if stages > len(layers):
+        names = ", ".join(name for name, _ in layers)
+        raise ValueError(f"pp={stages} but the model has {len(layers)} splittable layers ({names}); "
+                         f"use pp<={len(layers)} or split the layers further")
+    was_training = model.training
+    model.train()
+    try:
+        costs = measure(layers, inputs)
+    finally:
+        model.train(was_training)
+    bounds = balance([c.ms for c in costs], stages, memory=[c.memory_bytes for c in costs], limit=memory_limit)
+    return Partition(layers=tuple(costs), bounds=tuple(bounds))
