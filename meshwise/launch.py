@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -78,7 +79,8 @@ class WorkerFailed(RuntimeError):
         lines = trace.strip().splitlines()
         what = f": {lines[-1]}" if lines else ""
         also = f" ({others} other rank(s) stopped)" if others else ""
-        super().__init__(f"rank {rank} failed with exit code {exitcode}{also}{what}\n{trace}".rstrip())
+        body = f"\n{trace}".rstrip() if len(lines) > 1 else ""
+        super().__init__(f"rank {rank} failed with exit code {exitcode}{also}{what}{body}")
 
 
 def _config(job: Job, run_dir: str) -> Any:
@@ -113,9 +115,14 @@ def _environment(job: Job, plan: Plan | str | None, device: str | None) -> Itera
     """Set the variables workers inherit, quiet the agent's log, clean up afterwards."""
     saved = dict(os.environ)
     run_dir = tempfile.mkdtemp(prefix="meshwise-launch-")
-    agent_log = logging.getLogger("torch.distributed.elastic")
-    saved_level = agent_log.level
+    import torch.distributed.launcher.api  # noqa: F401  (creates the agent's loggers, each with its own level)
+
+    agent_logs = [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)
+                  if name.startswith("torch.distributed.elastic")]
+    saved_levels = [log.level for log in agent_logs]
     try:
+        os.environ.pop(PLAN_ENV, None)  # a launch nested in a launched worker must not inherit its plan
+        os.environ.pop(DEVICE_ENV, None)
         if plan is not None:
             os.environ[PLAN_ENV] = str(plan if isinstance(plan, Plan) else Plan.parse(plan))
         if device is not None:
@@ -123,29 +130,56 @@ def _environment(job: Job, plan: Plan | str | None, device: str | None) -> Itera
         if "OMP_NUM_THREADS" not in os.environ:
             os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // job.nproc))
         if not os.environ.get("MESHWISE_VERBOSE"):
-            agent_log.setLevel(logging.CRITICAL)
+            for log in agent_logs:
+                log.setLevel(logging.CRITICAL)
         yield run_dir
     finally:
-        agent_log.setLevel(saved_level)
+        for log, level in zip(agent_logs, saved_levels):
+            log.setLevel(level)
         os.environ.clear()
         os.environ.update(saved)
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+# Errors a rank raises because a peer went away: a consequence, not the cause.
+_SECONDARY = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+              "DistNetworkError", "DistBackendError")
+
+
 def _first_failure(error: Any) -> WorkerFailed:
-    """The rank that failed first (by the time its error file was written), once."""
+    """The rank that caused the failure, chosen once from all the failed ranks.
+
+    In order: a rank that raised (its own error, earliest first); one that exited with a
+    non-zero code; one killed by a signal the agent does not send (SIGKILL from the
+    out-of-memory killer, SIGSEGV); a rank whose error only says a peer went away; last,
+    ranks the agent stopped with SIGTERM.
+    """
     failures = error.failures  # {rank: ProcessFailure}
 
-    def when(item: tuple[int, Any]) -> tuple[float, int]:
-        stamp = _read_error_file(item[1].error_file).get("meshwise_time")
-        return (float(stamp) if stamp is not None else float("inf"), item[0])
+    def severity(item: tuple[int, Any]) -> tuple[int, float, int]:
+        rank, failure = item
+        info = _read_error_file(failure.error_file)
+        stamp = info.get("meshwise_time")
+        when = float(stamp) if stamp is not None else float("inf")
+        if info and not any(marker in (info.get("traceback") or "") for marker in _SECONDARY):
+            return (0, when, rank)
+        if failure.exitcode > 0 and not info:
+            return (1, when, rank)
+        if failure.exitcode < 0 and failure.exitcode != -signal.SIGTERM:
+            return (2, when, rank)
+        return (3 if info else 4, when, rank)
 
-    rank, failure = min(failures.items(), key=when)
+    rank, failure = min(failures.items(), key=severity)
     info = _read_error_file(failure.error_file)
-    trace = info.get("traceback") or str(failure.message or "")
-    if failure.exitcode < 0 and not info:
-        trace = f"killed by signal {-failure.exitcode} (out of memory, or killed from outside?)"
-    return WorkerFailed(rank, failure.exitcode, trace, len(failures) - 1)
+    trace = info.get("traceback") or ""
+    code = failure.exitcode
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+        trace = trace or f"killed by signal {name} (the out-of-memory killer, a crash, or killed from outside)"
+        code = 128 - code
+    elif not trace:
+        trace = f"exited with code {code} without a Python exception (sys.exit or os._exit)"
+    return WorkerFailed(rank, code, trace, len(failures) - 1)
 
 
 def _read_error_file(path: str | None) -> dict[str, Any]:
@@ -184,6 +218,7 @@ def record_failure(exc: BaseException, skip: Callable[[str], bool] = lambda file
 
 def run_command(argv: list[str], job: Job, *, plan: Plan | str | None = None, device: str | None = None) -> int:
     """Run ``python ARGV...`` on ``job.nproc`` local workers; the exit code of the job."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
@@ -193,7 +228,13 @@ def run_command(argv: list[str], job: Job, *, plan: Plan | str | None = None, de
         except ChildFailedError as error:
             failed = _first_failure(error)
             print(f"meshwise: {failed}", file=sys.stderr)
-            return failed.exitcode if failed.exitcode > 0 else 1
+            return failed.exitcode
+        except SignalException as stop:  # Ctrl-C or a kill of the launcher: workers are stopped by the agent
+            print(f"meshwise: stopped by {stop.sigval.name}; all workers were stopped", file=sys.stderr)
+            return 128 + int(stop.sigval)
+        except KeyboardInterrupt:  # Ctrl-C before the agent installed its handler
+            print("meshwise: stopped by SIGINT", file=sys.stderr)
+            return 130
     return 0
 
 
@@ -242,6 +283,7 @@ def _call(fn: Callable[..., Any], args: tuple[Any, ...], run_dir: str) -> Any:
     Exiting by SystemExit (not by re-raising) keeps the worker from printing its own
     traceback: the parent reports it once.
     """
+    die_with_parent()
     try:
         return fn(*args)
     except Exception as exc:
@@ -264,6 +306,20 @@ def _load_exception(run_dir: str, rank: int) -> BaseException | None:
     except Exception:
         return None
     return exc if isinstance(exc, BaseException) else None
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGTERM this worker when its agent dies, so no worker outlives a killed launcher.
+
+    torch's agent starts workers in sessions of their own, out of reach of a signal to
+    the launcher's process group; without this, ``kill -9`` of ``meshwise run`` leaves
+    them running.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def leave_group() -> None:

@@ -11,7 +11,7 @@ import os
 import runpy
 import sys
 
-from meshwise.launch import ERROR_FILE_ENV, leave_group, record_failure
+from meshwise.launch import ERROR_FILE_ENV, die_with_parent, leave_group, record_failure
 
 
 def main(argv: list[str]) -> int:
@@ -23,6 +23,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m meshwise.worker SCRIPT [ARGS...] | -m MODULE [ARGS...]", file=sys.stderr)
         return 2
     sys.argv = [target, *args]
+    die_with_parent()
     try:
         if as_module:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
@@ -30,8 +31,15 @@ def main(argv: list[str]) -> int:
             sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
             runpy.run_path(target, run_name="__main__")
     except SystemExit as done:
-        code = done.code
-        return code if isinstance(code, int) else (0 if code is None else _report_exit(code))
+        if done.code is None or done.code == 0:
+            return 0
+        if os.environ.get(ERROR_FILE_ENV):  # the launcher reports it once, for the rank that caused it
+            record_failure(done, skip=lambda name: name in (__file__, "<frozen runpy>"))
+        elif not isinstance(done.code, int):
+            print(done.code, file=sys.stderr)
+        return done.code if isinstance(done.code, int) else 1
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank; the launcher says it once
+        return 130
     except Exception as exc:
         if not os.environ.get(ERROR_FILE_ENV):
             raise
@@ -40,11 +48,6 @@ def main(argv: list[str]) -> int:
     finally:
         leave_group()
     return 0
-
-
-def _report_exit(message: object) -> int:
-    print(message, file=sys.stderr)
-    return 1
 
 
 if __name__ == "__main__":

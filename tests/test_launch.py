@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -90,6 +91,53 @@ def test_a_failing_rank_stops_the_job_reports_once_and_leaves_nothing(tmp_path) 
     assert "rank 1 failed" in err
     time.sleep(0.5)
     assert not _processes_with(token), "worker processes were left running"
+
+
+@pytest.mark.parametrize(("mode", "code", "words"), [
+    ("exit3", 3, ["rank 1 failed with exit code 3", "SystemExit: 3"]),
+    ("msg", 1, ["rank 1 failed with exit code 1", "SystemExit: bad config"]),
+    ("kill", 137, ["rank 1 failed with exit code 137", "SIGKILL"]),
+])
+def test_the_rank_that_caused_a_failure_is_blamed_not_its_victims(mode: str, code: int, words: list[str]) -> None:
+    rc, out, err = finish(start(f"{BIN}/meshwise", "run", "--nproc", "2", os.path.join(HERE, "scripts", "fail_modes.py"),
+                                mode), 60)
+    assert rc == code, err
+    for word in words:
+        assert word in err
+    assert err.count("meshwise: rank") == 1 and "rank 0 failed" not in err
+
+
+def _start_sleepy(token: str) -> subprocess.Popen:
+    proc = start(f"{BIN}/meshwise", "run", "--nproc", "2", os.path.join(HERE, "scripts", "sleepy.py"), token)
+    ready = 0
+    end = time.monotonic() + 60
+    while ready < 2 and time.monotonic() < end:  # both ranks joined
+        line = proc.stdout.readline()
+        ready += line.strip() == "ready"
+    assert ready == 2, "the job did not start"
+    return proc
+
+
+def test_killing_the_launcher_leaves_no_worker_behind() -> None:
+    token = uuid.uuid4().hex
+    proc = _start_sleepy(token)
+    assert len(_processes_with(token)) == 3  # the launcher and two workers
+    proc.kill()  # SIGKILL: the launcher cannot clean up; the workers must go by themselves
+    proc.wait(10)
+    end = time.monotonic() + 10
+    while _processes_with(token) and time.monotonic() < end:
+        time.sleep(0.1)
+    assert not _processes_with(token)
+
+
+def test_ctrl_c_stops_every_worker_and_says_so_once() -> None:
+    token = uuid.uuid4().hex
+    proc = _start_sleepy(token)
+    proc.send_signal(signal.SIGINT)
+    code, _, err = finish(proc, 30)
+    assert code == 130
+    assert err.strip().splitlines() == ["meshwise: stopped by SIGINT; all workers were stopped"]
+    assert not _processes_with(token)
 
 
 def _processes_with(token: str) -> list[int]:
