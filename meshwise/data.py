@@ -22,10 +22,13 @@ from torch.utils.data import Dataset, TensorDataset, default_collate
 
 
 def as_dataset(data: Any) -> Dataset:
-    """A map-style dataset from a Dataset, a tensor, or a tuple of equally long tensors."""
+    """A map-style dataset from a Dataset, a tensor, or a tuple of equally long tensors (columns).
+
+    A list is a dataset of its items (a list of per-sample tensors stays one), never columns.
+    """
     if isinstance(data, torch.Tensor):
         return TensorDataset(data)
-    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+    if isinstance(data, tuple) and data and all(isinstance(t, torch.Tensor) for t in data):
         lengths = {len(t) for t in data}
         if len(lengths) != 1:
             raise ValueError(f"tensors given as a dataset differ in length along dim 0: {sorted(lengths)}")
@@ -71,6 +74,38 @@ def fetch(dataset: Dataset, indices: torch.Tensor) -> Any:
     getitems = getattr(dataset, "__getitems__", None)
     items = getitems(indices.tolist()) if getitems else [dataset[i] for i in indices.tolist()]
     return default_collate(items)
+
+
+class _SizedTuple(tuple):
+    global_size: int
+
+
+class _SizedList(list):
+    global_size: int
+
+
+class _SizedDict(dict):
+    global_size: int
+
+
+def tag(batch: Any, global_size: int) -> Any:
+    """The batch, marked with the size of the global batch it is a share of.
+
+    The mark travels with the object (through a prefetching thread, say), so every rank
+    decides the same way whether ``step`` must ask the others for the global size.
+    A tuple, list or dict stays one (a subclass); other batches are returned unmarked.
+    """
+    kind = {tuple: _SizedTuple, list: _SizedList, dict: _SizedDict}.get(type(batch))
+    if kind is None:
+        return batch
+    marked = kind(batch)
+    marked.global_size = global_size
+    return marked
+
+
+def global_size(batch: Any) -> int | None:
+    """The global batch size a loader marked on ``batch``, or None."""
+    return getattr(batch, "global_size", None)
 
 
 def batch_size_of(batch: Any) -> int:

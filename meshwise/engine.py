@@ -106,9 +106,6 @@ class Engine:
             process_group=self.dp_group,
         )
         self.optimizer = _build_optimizer(optimizer, model)
-        # (batch, N): the global size of the batch ``loader`` yielded last, so that ``step``
-        # on that batch needs no collective to learn N.
-        self._loaded: tuple[Any, int] | None = None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -155,9 +152,8 @@ class Engine:
 
     def _iterate(self, dataset: Any, batches: list[torch.Tensor]) -> Iterator[Any]:
         for indices in batches:
-            batch = data.fetch(dataset, data.share(indices, self.dp_rank, self.dp_size))
-            self._loaded = (batch, len(indices))
-            yield batch
+            # marked with N, so that step needs no collective to learn it
+            yield data.tag(data.fetch(dataset, data.share(indices, self.dp_rank, self.dp_size)), len(indices))
 
     def step(self, batch: Any) -> float:
         """Forward, backward, gradient all-reduce and optimizer step on this rank's share.
@@ -273,8 +269,9 @@ class Engine:
         return data.to_device(data.map_tensors(lambda t: t[:1], self.sample), self.device)
 
     def _global_size(self, batch: Any, local: int) -> int:
-        if self._loaded is not None and self._loaded[0] is batch:
-            return self._loaded[1]
+        marked = data.global_size(batch)
+        if marked is not None:
+            return marked
         count = torch.tensor([local], device=self.device)
         dist.all_reduce(count, group=self.dp_group)
         total = int(count)

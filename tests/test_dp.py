@@ -107,3 +107,42 @@ def test_predict_returns_all_outputs_in_order_on_every_rank(dp: int) -> None:
         for got, want in pairs:
             # per-row results; only the matmul blocking differs with the row count
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"rank {rank}: {m}")
+
+
+def prefetched(dp: int) -> list[float]:
+    """Training through a prefetching thread, rank 0 slower: the ranks' threads run out of step."""
+    import queue
+    import threading
+    import time
+
+    class Slow(torch.utils.data.Dataset):  # collating a batch takes a while, as with real data
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            time.sleep(0.001)
+            return self.x[i], self.y[i]
+
+    def prefetch(batches, depth=1):
+        q: queue.Queue = queue.Queue(maxsize=depth)
+        threading.Thread(target=lambda: [q.put(b) for b in batches] + [q.put(None)], daemon=True).start()
+        while (b := q.get()) is not None:
+            yield b
+
+    x, y = classification(61)
+    engine = mw.parallelize(mlp(), mw.Plan(dp=dp), loss_fn=F.cross_entropy,
+                            optimizer=lambda p: torch.optim.SGD(p, lr=0.1), sample=(x[:1], y[:1]))
+    losses = []
+    for batch in prefetch(engine.loader(Slow(x, y), 8)):
+        if engine.rank == 0:
+            time.sleep(0.03)  # rank 0's thread fetches the next batch meanwhile; rank 1's does not
+        losses.append(engine.step(batch))
+    return losses
+
+
+def test_prefetching_threads_keep_ranks_in_step() -> None:
+    per_rank = harness.run(prefetched, world=2, args=(2,), deadline=90)
+    assert len(per_rank[0]) == 8 and per_rank[0] == per_rank[1]
