@@ -9,6 +9,7 @@ in-memory store, so the same code path (process group, DDP) runs without any por
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -38,8 +39,12 @@ class Context:
         return self.rank == 0
 
 
-def pick_device(choice: str | torch.device | None, local_rank: int) -> torch.device:
-    """One GPU per local rank where CUDA is available, else the CPU; ``"cpu"`` forces it."""
+def pick_device(choice: str | torch.device | None, local_rank: int, local_world: int = 1) -> torch.device:
+    """One GPU per local rank where CUDA has enough GPUs, else the CPU; ``"cpu"`` forces it.
+
+    ``"auto"`` with fewer GPUs than local processes runs on the CPU, and rank 0 says so
+    (NCCL cannot put two ranks on one GPU); ``"cuda"`` then is an error.
+    """
     if isinstance(choice, torch.device):
         return choice
     choice = choice or "auto"
@@ -50,11 +55,14 @@ def pick_device(choice: str | torch.device | None, local_rank: int) -> torch.dev
     if not torch.cuda.is_available():
         raise ValueError("device='cuda' was asked for but CUDA is not available here; use --device cpu")
     count = torch.cuda.device_count()
-    if local_rank >= count:
-        raise ValueError(
-            f"local rank {local_rank} needs GPU {local_rank} but this host has {count}; "
-            f"run at most {count} processes per host or use --device cpu"
-        )
+    if count < local_world:
+        if choice == "cuda":
+            raise ValueError(f"{local_world} processes on this host need one GPU each but it has {count}; "
+                             f"use --nproc {count} or --device cpu")
+        if local_rank == 0:
+            print(f"meshwise: {local_world} processes on this host but {count} GPU(s): running on the CPU; "
+                  f"use --nproc {count} for the GPUs", file=sys.stderr)
+        return torch.device("cpu")
     return torch.device("cuda", local_rank)
 
 
@@ -80,14 +88,15 @@ def init(device: str | torch.device | None = None) -> Context:
     gloo serves CPU tensors; on GPUs the group is ``cpu:gloo,cuda:nccl`` so that both
     device and host collectives work.
     """
-    env_world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = pick_device(device, local_rank)
+    launched = "RANK" in os.environ  # by torchrun, meshwise run or launch; else a world of one
+    env_world = int(os.environ.get("WORLD_SIZE", "1")) if launched else 1
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if launched else 0
+    dev = pick_device(device, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launched else 1)
     backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        if env_world > 1 or "MASTER_ADDR" in os.environ:
+        if launched:
             dist.init_process_group(
                 backend,
                 store=_attempt_store(),

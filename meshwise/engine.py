@@ -196,7 +196,8 @@ class Engine:
     def predict(self, inputs: Any, batch_size: int | None = None) -> Any:
         """The model's outputs for all of ``inputs`` (a tensor or a dataset), in order, on every rank.
 
-        Each replica runs a contiguous slice, in eval mode, ``batch_size`` rows at a time
+        A collective: call it on every rank (not under ``if engine.is_main``), or the
+        others wait for it. Each replica runs a contiguous slice, in eval mode, ``batch_size`` rows at a time
         (all at once if None); the slices are gathered back in input order. Dataset items
         that are ``(input, target)`` pairs use the input only.
         """
@@ -208,6 +209,8 @@ class Engine:
             raise ValueError(f"batch_size={batch_size!r} is invalid: use an integer >= 1 or None")
         mine = data.share(torch.arange(n), self.dp_rank, self.dp_size)
         model = self.model
+        for buffer in model.buffers():  # e.g. batch-norm statistics, which replicas update apart
+            dist.broadcast(buffer, 0, group=self.dp_group)
         was_training = model.training
         model.eval()
         try:

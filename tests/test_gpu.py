@@ -24,7 +24,7 @@ def cuda_cases(dp: int) -> list[dict]:
 
 def test_dp_on_gpus_matches_single_process() -> None:
     dp = min(2, torch.cuda.device_count())
-    for results in harness.run(cuda_cases, world=dp, args=(dp,), deadline=180):
+    for results in harness.run(cuda_cases, world=dp, args=(dp,), deadline=180, env={"MESHWISE_DEVICE": "cuda"}):
         for result in results:
             worst = max(result["diffs"].values())
             # same GPU kernels for both; TF32 is off by default for fp32 matmuls
