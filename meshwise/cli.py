@@ -40,14 +40,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--node-rank", type=int, default=0, help="this host's index; host 0 serves the rendezvous")
     run.add_argument("--rdzv-endpoint", help="HOST:PORT of host 0, reachable by every host (multi-host only)")
     run.add_argument("--max-restarts", type=int, default=0, help="restart all workers up to K times after a failure")
-    run.add_argument("script", metavar="SCRIPT", help="a Python script, or -m MODULE")
+    run.add_argument("script", metavar="SCRIPT", help="a Python script, or -m MODULE (a module run as python -m)")
     run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments for the script")
 
     demo = sub.add_parser("demo", help="train a digits classifier with data parallelism",
                           description="Train a small classifier on scikit-learn's bundled digits data.")
     _add_launch_options(demo, nproc_default=None)
     demo.add_argument("--epochs", type=int, default=None, help="passes over the training set (default 20)")
-    demo.add_argument("--out", help="run directory (default runs/demo-TIMESTAMP)")
+    demo.add_argument("--batch-size", type=int, default=None, help="global batch (default 64)")
+    demo.add_argument("--out", help="run directory (default runs/demo-TIMESTAMP-XXXX)")
     return parser
 
 
@@ -72,9 +73,31 @@ def _job(parser: argparse.ArgumentParser, ns: argparse.Namespace, default_nproc:
     return job, str(plan) if plan is not None else None
 
 
+_RUN_VALUE_OPTIONS = {"--nproc", "--plan", "--device", "--nnodes", "--node-rank", "--rdzv-endpoint", "--max-restarts"}
+
+
+def _module_as_script(argv: list[str]) -> list[str]:
+    """``run [OPTIONS] -m MODULE ARGS`` as ``run [OPTIONS] -- -m MODULE ARGS``: argparse
+    would read ``-m`` as an option of ``run``; after ``--`` it is the SCRIPT position."""
+    if argv[:1] != ["run"]:
+        return argv
+    i = 1
+    while i < len(argv):
+        token = argv[i]
+        if token == "-m":
+            return [*argv[:i], "--", *argv[i:]]
+        if token in _RUN_VALUE_OPTIONS:
+            i += 2
+        elif token.startswith("-"):
+            i += 1
+        else:  # the script: what follows is its own
+            break
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    ns = parser.parse_args(argv)
+    ns = parser.parse_args(_module_as_script(list(sys.argv[1:] if argv is None else argv)))
     if ns.command == "run":
         job, plan = _job(parser, ns, 1, nnodes=ns.nnodes, node_rank=ns.node_rank,
                          rdzv_endpoint=ns.rdzv_endpoint, max_restarts=ns.max_restarts)
@@ -89,11 +112,15 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(command, job, plan=plan, device=ns.device)
     if ns.command == "demo":
         job, plan = _job(parser, ns, 2)
-        if ns.epochs is not None and ns.epochs < 1:
-            parser.error(f"--epochs={ns.epochs} is invalid: it must be >= 1")
+        for name in ("epochs", "batch_size"):
+            value = getattr(ns, name)
+            if value is not None and value < 1:
+                parser.error(f"--{name.replace('_', '-')}={value} is invalid: it must be >= 1")
         command = ["-m", "meshwise.demo"]
         if ns.epochs is not None:
             command += ["--epochs", str(ns.epochs)]
+        if ns.batch_size is not None:
+            command += ["--batch-size", str(ns.batch_size)]
         if ns.out:
             command += ["--out", ns.out]
         return run_command(command, job, plan=plan, device=ns.device)

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=64, help="global batch, split across replicas")
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--out", default=None, help="run directory (default runs/demo-TIMESTAMP)")
+    parser.add_argument("--out", default=None, help="run directory (default runs/demo-TIMESTAMP-XXXX)")
     args = parser.parse_args(argv)
     wall_start = time.perf_counter()
 

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from typing import Any
 
 
@@ -50,8 +51,8 @@ class RunDir:
 
 
 def default_run_dir(name: str, root: str = "runs") -> str:
-    """``runs/NAME-YYYYmmdd-HHMMSS``."""
-    return os.path.join(root, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    """``runs/NAME-YYYYmmdd-HHMMSS-XXXX``: XXXX keeps two runs started in one second apart."""
+    return os.path.join(root, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}")
 
 
 class Progress:

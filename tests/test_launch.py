@@ -160,6 +160,8 @@ def _processes_with(token: str) -> list[int]:
     (["run", "--nnodes", "2", SCRIPT], ["--rdzv-endpoint"]),
     (["run", "--nnodes", "2", "--rdzv-endpoint", "hostonly", SCRIPT], ["HOST:PORT"]),
     (["demo", "--epochs", "0"], ["--epochs=0"]),
+    (["demo", "--batch-size", "0"], ["--batch-size=0"]),
+    (["run", "--nproc", "2", "-m"], ["-m needs a module name"]),
     (["launch", SCRIPT], ["invalid choice"]),
     (["run", "--device", "tpu", SCRIPT], ["invalid choice", "tpu"]),
 ])
@@ -171,6 +173,16 @@ def test_bad_arguments_are_one_line_and_exit_2(argv: list[str], words: list[str]
     assert len(err.strip().splitlines()) == 1, err
     for word in words:
         assert word in err
+
+
+@pytest.mark.parametrize(("argv", "script", "args"), [
+    (["run", "-m", "pkg.train", "--lr", "3"], "-m", ["pkg.train", "--lr", "3"]),
+    (["run", "--nproc", "2", "--plan", "dp=2", "-m", "pkg.train"], "-m", ["pkg.train"]),
+    (["run", "--nproc", "2", "train.py", "-m", "x"], "train.py", ["-m", "x"]),  # the script's own -m
+])
+def test_run_takes_a_module_with_dash_m(argv: list[str], script: str, args: list[str]) -> None:
+    ns = cli._parser().parse_args(cli._module_as_script(argv))
+    assert (ns.script, ns.args) == (script, args)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
