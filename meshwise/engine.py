@@ -255,7 +255,7 @@ class Engine:
 
     def _check(self, batch: Any) -> None:
         if self.sample is None and data.batch_size_of(batch):  # no sample: the first batch fixes the shapes
-            self.sample = data.map_tensors(lambda t: t[:1].cpu(), batch)
+            self.sample = data.map_tensors(lambda t: t[:2].cpu(), batch)
         if self.sample is not None:
             if self._sample_spec is None:
                 self._sample_spec = data.spec(self.sample)
@@ -263,13 +263,14 @@ class Engine:
                 data.check_spec(batch, self.sample)  # raises, naming both
 
     def _placeholder(self) -> Any:
-        """One row of the sample, on this device: a stand-in for an empty share."""
+        """Up to two rows of the sample, on this device: a stand-in for an empty share
+        (two, so that batch-norm layers in train mode accept it)."""
         if self.sample is None:
             raise ValueError(
                 "this replica's share of the batch is empty and there is no sample to stand in "
                 "for it; pass sample=(x, y) (one example batch) to meshwise.parallelize"
             )
-        return data.to_device(data.map_tensors(lambda t: t[:1], self.sample), self.device)
+        return data.to_device(data.map_tensors(lambda t: t[:2], self.sample), self.device)
 
     def _global_size(self, batch: Any, local: int) -> int:
         marked = data.global_size(batch)
