@@ -122,7 +122,6 @@ def _environment(job: Job, plan: Plan | str | None, device: str | None) -> Itera
     saved_levels = [log.level for log in agent_logs]
     try:
         os.environ.pop(PLAN_ENV, None)  # a launch nested in a launched worker must not inherit its plan
-        os.environ.pop(DEVICE_ENV, None)
         if plan is not None:
             os.environ[PLAN_ENV] = str(plan if isinstance(plan, Plan) else Plan.parse(plan))
         if device is not None:
