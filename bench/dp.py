@@ -2,6 +2,7 @@
 
     python bench/dp.py                 # 2 workers on the CPU (gloo)
     python bench/dp.py --nproc 4 --rounds 9
+    python bench/dp.py --nproc 1 --device cuda     # one GPU (NCCL)
 
 Both sides train the same seeded MLP with the same AdamW, world size, global batch
 and sample order, in one invocation. Each round builds both sides afresh and times K
@@ -41,19 +42,21 @@ def _model(d_in: int, hidden: int, classes: int) -> torch.nn.Module:
     )
 
 
-def _worker(size: str, batch: int, rounds: int) -> dict:
+def _worker(size: str, batch: int, rounds: int, device: str) -> dict:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
+
+    from meshwise.dist import init
 
     d_in, hidden, classes, steps = SIZES[size]
     n = batch * steps
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(n, d_in, generator=g), torch.randint(0, classes, (n,), generator=g)
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    ctx = init(device)  # the process group both sides use (gloo, or NCCL on GPUs)
+    rank, world, dev = ctx.rank, ctx.world_size, ctx.device
 
     def meshwise_side() -> Callable[[int], float]:
-        engine = mw.parallelize(_model(d_in, hidden, classes), loss_fn=F.cross_entropy,
+        engine = mw.parallelize(_model(d_in, hidden, classes), loss_fn=F.cross_entropy, device=dev,
                                 optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), sample=(x[:1], y[:1]))
 
         def run(epoch: int) -> float:
@@ -65,7 +68,8 @@ def _worker(size: str, batch: int, rounds: int) -> dict:
         return run
 
     def ddp_side() -> Callable[[int], float]:
-        ddp = DistributedDataParallel(_model(d_in, hidden, classes))
+        ddp = DistributedDataParallel(_model(d_in, hidden, classes).to(dev),
+                                      device_ids=[dev.index] if dev.type == "cuda" else None)
         opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
 
         def run(epoch: int) -> float:
@@ -73,7 +77,7 @@ def _worker(size: str, batch: int, rounds: int) -> dict:
             start = time.perf_counter()
             for idx in order.split(batch):
                 mine = idx.tensor_split(world)[rank]
-                xb, yb = x[mine], y[mine]
+                xb, yb = x[mine].to(dev, non_blocking=True), y[mine].to(dev, non_blocking=True)
                 opt.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(ddp(xb), yb)
                 loss.backward()
@@ -109,13 +113,14 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64, help="global batch")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU per worker, NCCL")
     args = parser.parse_args()
 
-    print(f"meshwise vs plain DDP: {args.nproc} workers, global batch {args.batch}, "
+    print(f"meshwise vs plain DDP: {args.nproc} workers on {args.device}, global batch {args.batch}, "
           f"median of {args.rounds} rounds of ~0.4 s per side, fresh models each round")
     print(f"{'model':8} {'params':>10} {'meshwise ms':>12} {'DDP ms':>9} {'ratio':>7}   per-round ratio min..max")
     for size in SIZES:
-        r = mw.launch(_worker, nproc=args.nproc, args=(size, args.batch, args.rounds), device="cpu")
+        r = mw.launch(_worker, nproc=args.nproc, args=(size, args.batch, args.rounds, args.device), device=args.device)
         ratios = r["ratios"]
         print(f"{size:8} {r['params']:>10,} {r['meshwise'] * 1e3:>12.3f} {r['ddp'] * 1e3:>9.3f} "
               f"{statistics.median(ratios):>7.3f}   {ratios[0]:.3f}..{ratios[-1]:.3f}")
