@@ -26,14 +26,14 @@ def _add_launch_options(parser: argparse.ArgumentParser, *, nproc_default: int |
                         help="workers on this host (default: the plan's world size, else 1)")
     parser.add_argument("--plan", help="how to split the work, e.g. dp=2,microbatches=4 (default: dp = nproc)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default=None,
-                        help="cpu forces the CPU; auto (default) uses one GPU per worker where CUDA is available")
+                        help="cpu forces the CPU; auto (default) uses one GPU per worker where the host has enough")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="meshwise", description="Split PyTorch training and inference across processes and devices.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = sub.add_parser("run", help="run a training script on many workers",
+    run = sub.add_parser("run", help="run a training script on many workers", allow_abbrev=False,
                          description="Run SCRIPT on --nproc workers per host (torch elastic launch).")
     _add_launch_options(run, nproc_default=None)
     run.add_argument("--nnodes", type=int, default=1, help="hosts in the job (default 1)")
@@ -84,6 +84,8 @@ def _module_as_script(argv: list[str]) -> list[str]:
     i = 1
     while i < len(argv):
         token = argv[i]
+        if token == "--":  # already explicit
+            break
         if token == "-m":
             return [*argv[:i], "--", *argv[i:]]
         if token in _RUN_VALUE_OPTIONS:

@@ -33,6 +33,12 @@ def as_dataset(data: Any) -> Dataset:
         if len(lengths) != 1:
             raise ValueError(f"tensors given as a dataset differ in length along dim 0: {sorted(lengths)}")
         return TensorDataset(*data)
+    if isinstance(data, list) and len(data) > 1 and all(isinstance(t, torch.Tensor) for t in data) \
+            and len({tuple(t.shape) for t in data}) > 1:
+        raise ValueError(
+            f"a list is a dataset of its items, but these tensors differ in shape "
+            f"({', '.join(str(tuple(t.shape)) for t in data[:3])}); for columns such as (x, y) pass a tuple"
+        )
     if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
         return data
     raise TypeError(

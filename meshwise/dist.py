@@ -59,11 +59,19 @@ def pick_device(choice: str | torch.device | None, local_rank: int, local_world:
         if choice == "cuda":
             raise ValueError(f"{local_world} processes on this host need one GPU each but it has {count}; "
                              f"use --nproc {count} or --device cpu")
-        if local_rank == 0:
+        global _told_cpu_fallback
+        if local_rank == 0 and not _told_cpu_fallback:
+            _told_cpu_fallback = True
             print(f"meshwise: {local_world} processes on this host but {count} GPU(s): running on the CPU; "
-                  f"use --nproc {count} for the GPUs", file=sys.stderr)
+                  f"use --nproc {count} for the GPUs, or --device cpu to silence this", file=sys.stderr)
         return torch.device("cpu")
+    if local_rank >= count:
+        raise ValueError(f"local rank {local_rank} needs GPU {local_rank} but this host has {count}; "
+                         f"run at most {count} processes per host or use --device cpu")
     return torch.device("cuda", local_rank)
+
+
+_told_cpu_fallback = False
 
 
 def _attempt_store() -> dist.Store | None:
@@ -88,7 +96,7 @@ def init(device: str | torch.device | None = None) -> Context:
     gloo serves CPU tensors; on GPUs the group is ``cpu:gloo,cuda:nccl`` so that both
     device and host collectives work.
     """
-    launched = "RANK" in os.environ  # by torchrun, meshwise run or launch; else a world of one
+    launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ  # by a launcher; else a world of one
     env_world = int(os.environ.get("WORLD_SIZE", "1")) if launched else 1
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if launched else 0
     dev = pick_device(device, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launched else 1)

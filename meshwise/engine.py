@@ -209,8 +209,9 @@ class Engine:
             raise ValueError(f"batch_size={batch_size!r} is invalid: use an integer >= 1 or None")
         mine = data.share(torch.arange(n), self.dp_rank, self.dp_size)
         model = self.model
-        for buffer in model.buffers():  # e.g. batch-norm statistics, which replicas update apart
-            dist.broadcast(buffer, 0, group=self.dp_group)
+        if self.dp_size > 1:
+            for buffer in model.buffers():  # e.g. batch-norm statistics, which replicas update apart
+                dist.broadcast(torch.view_as_real(buffer) if buffer.is_complex() else buffer, 0, group=self.dp_group)
         was_training = model.training
         model.eval()
         try:

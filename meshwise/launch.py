@@ -35,6 +35,7 @@ from meshwise.dist import DEVICE_ENV, PLAN_ENV
 from meshwise.plan import Plan
 
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
+LAUNCHER_PID_ENV = "MESHWISE_LAUNCHER_PID"
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ def _environment(job: Job, plan: Plan | str | None, device: str | None) -> Itera
                   if name.startswith("torch.distributed.elastic")]
     saved_levels = [log.level for log in agent_logs]
     try:
+        os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # workers' parent: see die_with_parent
         os.environ.pop(PLAN_ENV, None)  # a launch nested in a launched worker must not inherit its plan
         if plan is not None:
             os.environ[PLAN_ENV] = str(plan if isinstance(plan, Plan) else Plan.parse(plan))
@@ -173,7 +175,10 @@ def _first_failure(error: Any) -> WorkerFailed:
     trace = info.get("traceback") or ""
     code = failure.exitcode
     if code < 0:
-        name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:  # real-time signals have no name
+            name = f"signal {-code}"
         trace = trace or f"killed by signal {name} (the out-of-memory killer, a crash, or killed from outside)"
         code = 128 - code
     elif not trace:
@@ -308,17 +313,23 @@ def _load_exception(run_dir: str, rank: int) -> BaseException | None:
 
 
 def die_with_parent() -> None:
-    """Ask Linux to SIGTERM this worker when its agent dies, so no worker outlives a killed launcher.
+    """Ask Linux to SIGKILL this worker when its launcher dies, so no worker outlives it.
 
     torch's agent starts workers in sessions of their own, out of reach of a signal to
     the launcher's process group; without this, ``kill -9`` of ``meshwise run`` leaves
-    them running.
+    them running. A launcher that died before this call (during the worker's start-up)
+    is caught by comparing the parent with the launcher's pid. SIGKILL, not SIGTERM: a
+    script's own SIGTERM handler (logging libraries install them) must not keep an
+    orphan alive.
     """
     if sys.platform.startswith("linux"):
         import ctypes
 
         pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if launcher and os.getppid() != int(launcher):
+        os._exit(1)
 
 
 def leave_group() -> None:

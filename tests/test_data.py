@@ -64,5 +64,7 @@ def test_batches_that_differ_from_the_sample_name_both() -> None:
 def test_as_dataset_rejects_what_it_cannot_index() -> None:
     with pytest.raises(ValueError, match="differ in length"):
         data.as_dataset((torch.zeros(3), torch.zeros(4)))
+    with pytest.raises(ValueError, match="for columns such as \\(x, y\\) pass a tuple"):
+        data.as_dataset([torch.zeros(3, 2), torch.zeros(3)])
     with pytest.raises(TypeError, match="map-style dataset"):
         data.as_dataset(iter([1, 2]))

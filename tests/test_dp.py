@@ -98,6 +98,20 @@ def predict_cases(dp: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         (engine.predict(x[:3]), single[:3]),  # fewer rows than replicas when dp=4
     ]
     assert model.training, "predict must restore train mode"
+
+    class Rotary(torch.nn.Module):  # a complex buffer, as rotary embeddings keep
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 4)
+            self.register_buffer("freqs", torch.polar(torch.ones(4), torch.arange(4.0)))
+
+        def forward(self, x):
+            return self.lin(x) * self.freqs.real
+
+    rotary = mw.parallelize(Rotary(), mw.Plan(dp=dp), loss_fn=F.cross_entropy,
+                            optimizer=lambda p: torch.optim.SGD(p, lr=0.1), sample=(x[:2], y[:2]))
+    with torch.no_grad():
+        pairs.append((rotary.predict(x), rotary.model(x)))
     return pairs
 
 
