@@ -197,9 +197,9 @@ class Engine:
         """The model's outputs for all of ``inputs`` (a tensor or a dataset), in order, on every rank.
 
         A collective: call it on every rank (not under ``if engine.is_main``), or the
-        others wait for it. Each replica runs a contiguous slice, in eval mode, ``batch_size`` rows at a time
-        (all at once if None); the slices are gathered back in input order. Dataset items
-        that are ``(input, target)`` pairs use the input only.
+        others wait for it. Each replica runs a contiguous slice, in eval mode,
+        ``batch_size`` rows at a time (all at once if None); the slices are gathered back
+        in input order. Dataset items that are ``(input, target)`` pairs use the input only.
         """
         dataset = data.as_dataset(inputs)
         n = len(dataset)
@@ -222,7 +222,8 @@ class Engine:
                 local = data.map_tensors(lambda t: t[:0], self._forward_inputs(dataset, torch.arange(1)))
         finally:
             model.train(was_training)
-        return data.map_tensors(self._gather_rows, local)
+        counts = [len(s) for s in torch.arange(n).tensor_split(self.dp_size)]  # every rank's share, known
+        return data.map_tensors(lambda t: self._gather_rows(t, counts), local)
 
     def _forward_inputs(self, dataset: Any, indices: torch.Tensor) -> Any:
         batch = data.fetch(dataset, indices)
@@ -230,14 +231,10 @@ class Engine:
             batch = batch[0]
         return data.call(self.model, data.to_device(batch, self.device))
 
-    def _gather_rows(self, local: torch.Tensor) -> torch.Tensor:
-        """AllGather_dp(x[n_r, ...]) -> x[sum n_r, ...], in rank order, for uneven n_r."""
+    def _gather_rows(self, local: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """AllGather_dp(x[n_r, ...]) -> x[sum n_r, ...], in rank order, for uneven n_r = counts[r]."""
         if self.dp_size == 1:
             return local
-        sizes = torch.tensor([len(local)], device=self.device)
-        all_sizes = [torch.empty_like(sizes) for _ in range(self.dp_size)]
-        dist.all_gather(all_sizes, sizes, group=self.dp_group)
-        counts = [int(s) for s in all_sizes]
         padded = local.new_zeros((max(counts), *local.shape[1:]))
         padded[: len(local)] = local
         gathered = [torch.empty_like(padded) for _ in range(self.dp_size)]

@@ -109,10 +109,6 @@ class Plan:
             raise ValueError(f"plan dict has unknown fields {unknown}; fields are {', '.join(sorted(known))}")
         return cls(**data)
 
-    def replace(self, **changes: Any) -> Plan:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
 
 def _convert(key: str, raw: str, kind: Any) -> Any:
     kind = kind if isinstance(kind, str) else kind.__name__

@@ -14,6 +14,11 @@ import sys
 from meshwise.launch import ERROR_FILE_ENV, die_with_parent, leave_group, record_failure
 
 
+def _ours(filename: str) -> bool:
+    """Traceback frames of this bootstrap and runpy, left out of what the user sees."""
+    return filename in (__file__, "<frozen runpy>")
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["-m"] and len(argv) >= 2:
         target, args, as_module = argv[1], argv[2:], True
@@ -34,7 +39,7 @@ def main(argv: list[str]) -> int:
         if done.code is None or done.code == 0:
             return 0
         if os.environ.get(ERROR_FILE_ENV):  # the launcher reports it once, for the rank that caused it
-            record_failure(done, skip=lambda name: name in (__file__, "<frozen runpy>"))
+            record_failure(done, skip=_ours)
         elif not isinstance(done.code, int):
             print(done.code, file=sys.stderr)
         return done.code if isinstance(done.code, int) else 1
@@ -43,7 +48,7 @@ def main(argv: list[str]) -> int:
     except Exception as exc:
         if not os.environ.get(ERROR_FILE_ENV):
             raise
-        record_failure(exc, skip=lambda name: name in (__file__, "<frozen runpy>"))
+        record_failure(exc, skip=_ours)
         return 1
     finally:
         leave_group()
