@@ -43,6 +43,7 @@ def parallelize(
     optimizer: OptimizerArg | None = None,
     sample: Any = None,
     device: str | torch.device | None = None,
+    trace: bool = False,
 ) -> Engine:
     """Wrap a single-device ``model`` for training and inference under ``plan``.
 
@@ -51,19 +52,23 @@ def parallelize(
     optimizer already built on ``model.parameters()``. ``sample`` is one example batch
     ``(x, y)``: later batches must match its per-sample shapes and dtypes. ``device``
     ``"cpu"`` forces the CPU (default: the launcher's ``--device``, else one GPU per
-    local rank where CUDA is available).
+    local rank where CUDA is available). ``trace=True`` records a pipeline's timeline
+    (``engine.write_trace(dir)``).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"parallelize expects a torch.nn.Module, got {type(model).__name__}")
     ctx = mwdist.init(device if device is not None else os.environ.get(mwdist.DEVICE_ENV))
     plan = resolve_plan(plan if plan is not None else os.environ.get(mwdist.PLAN_ENV) or None, ctx.world_size)
     _reject_unavailable(plan)
+    if plan.pp > 1:
+        from meshwise.pipeline import PipelineEngine
+
+        return PipelineEngine(model, plan, ctx, loss_fn=loss_fn, optimizer=optimizer, sample=sample, trace=trace)
     return Engine(model, plan, ctx, loss_fn=loss_fn, optimizer=optimizer, sample=sample)
 
 
 def _reject_unavailable(plan: Plan) -> None:
     missing = [
-        (plan.pp > 1, f"pp={plan.pp} (pipeline parallelism)"),
         (plan.tp > 1, f"tp={plan.tp} (tensor parallelism)"),
         (plan.zero > 0, f"zero={plan.zero} (sharded data parallelism)"),
         (plan.precision != "fp32", f"precision={plan.precision} (mixed precision)"),
@@ -73,7 +78,7 @@ def _reject_unavailable(plan: Plan) -> None:
     if named:
         raise NotImplementedError(
             f"plan {plan} asks for {', '.join(named)}, not available yet in this version of "
-            f"meshwise; data parallelism is: use a plan such as dp={plan.world_size}"
+            f"meshwise; data and pipeline parallelism are: use a plan such as dp={plan.dp},pp={plan.pp}"
         )
 
 
@@ -224,6 +229,16 @@ class Engine:
             model.train(was_training)
         counts = [len(s) for s in torch.arange(n).tensor_split(self.dp_size)]  # every rank's share, known
         return data.map_tensors(lambda t: self._gather_rows(t, counts), local)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's state dict (CPU copies) on rank 0, None elsewhere; loads into the unwrapped model."""
+        if not self.is_main:
+            return None
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def write_trace(self, directory: str) -> dict[str, Any] | None:
+        raise ValueError(f"plan {self.plan} has no pipeline, so there is no pipeline timeline to write; "
+                         f"timelines record plans with pp > 1")
 
     def _forward_inputs(self, dataset: Any, indices: torch.Tensor) -> Any:
         batch = data.fetch(dataset, indices)

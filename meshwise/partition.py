@@ -25,7 +25,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -59,6 +59,14 @@ class Partition:
 
     layers: tuple[Layer, ...]
     bounds: tuple[tuple[int, int], ...]
+    split: Any = field(default=None, compare=False, repr=False)
+    """How to build the stage modules (``stage_modules``); None for a partition of bare costs."""
+
+    def stage_modules(self) -> list[torch.nn.Module]:
+        """One module per stage, calling the model's own layers (see meshwise.split)."""
+        if self.split is None:
+            raise ValueError("this partition was built from costs alone; use meshwise.partition(model, sample, stages)")
+        return self.split.stage_modules(list(self.bounds))
 
     def stage_layers(self, stage: int) -> tuple[Layer, ...]:
         start, stop = self.bounds[stage]
@@ -87,10 +95,11 @@ class Partition:
 
 
 def balance(costs: Sequence[float], stages: int, *, memory: Sequence[int] | None = None,
-            limit: int | None = None) -> list[tuple[int, int]]:
+            limit: int | None = None, allowed: set[int] | None = None) -> list[tuple[int, int]]:
     """Contiguous split of ``costs`` into ``stages`` non-empty parts minimising the largest sum.
 
-    With ``memory`` and ``limit``, every part's memory sum must stay <= limit. Exact:
+    With ``memory`` and ``limit``, every part's memory sum must stay <= limit; with
+    ``allowed``, a part may only begin at an index in it (0 always may). Exact:
     best[k][i] = min over j < i of max(best[k-1][j], cost(j, i)), the cheapest way to
     put the first i layers into k stages.
     """
@@ -114,11 +123,14 @@ def balance(costs: Sequence[float], stages: int, *, memory: Sequence[int] | None
     for k in range(1, stages + 1):
         for i in range(k, n - (stages - k) + 1):
             for j in range(k - 1, i):
-                if best[k - 1][j] == inf or not fits(j, i):
+                if best[k - 1][j] == inf or not fits(j, i) or (allowed is not None and j and j not in allowed):
                     continue
                 value = max(best[k - 1][j], prefix[i] - prefix[j])
                 if value < best[k][i]:
                     best[k][i], cut[k][i] = value, j
+    if best[stages][n] == inf and limit is None:
+        raise ValueError(f"cannot cut {n} layers into {stages} stages at the allowed points "
+                         f"{sorted(allowed or ())}; use fewer stages")
     if best[stages][n] == inf:
         worst = max(range(n), key=lambda i: mem_prefix[i + 1] - mem_prefix[i])
         raise ValueError(
@@ -188,17 +200,22 @@ def _candidates(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return out
 
 
-def measure(layers: Sequence[tuple[str, torch.nn.Module]], inputs: torch.Tensor, *, repeats: int = 5) -> list[Layer]:
-    """Time and size each layer of a chain on ``inputs`` (forward + backward)."""
+def measure(layers: Sequence[tuple[str, torch.nn.Module]], layer_args: dict[str, tuple[Any, ...]],
+            output_bytes: Sequence[int], *, repeats: int = 5) -> list[Layer]:
+    """Time and size each layer on the inputs it received from the sample (forward + backward).
+
+    ``layer_args[name]`` are the layer's positional inputs as the model called it;
+    ``output_bytes[i]`` is what a cut after layer i sends to the next stage.
+    """
     costs = []
-    x = inputs
-    for name, module in layers:
+    for (name, module), sent in zip(layers, output_bytes):
         params = list(module.parameters())
         param_storage = {p.untyped_storage().data_ptr() for p in params}  # views of weights too
         times = []
         saved = 0
         for r in range(repeats + 1):
-            inp = x.detach().requires_grad_(x.is_floating_point())
+            args = tuple(a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
+                         for a in layer_args[name])
             stored: list[int] = []
 
             def pack(t: torch.Tensor) -> torch.Tensor:
@@ -208,9 +225,10 @@ def measure(layers: Sequence[tuple[str, torch.nn.Module]], inputs: torch.Tensor,
 
             start = time.perf_counter()
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                out = module(inp)
-            if out.requires_grad:
-                out.backward(torch.ones_like(out))
+                out = module(*args)
+            outs = [t for t in _tensors(out) if t.requires_grad]
+            if outs:
+                torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
             elapsed = time.perf_counter() - start
             if r:  # the first run warms up
                 times.append(elapsed)
@@ -222,29 +240,70 @@ def measure(layers: Sequence[tuple[str, torch.nn.Module]], inputs: torch.Tensor,
             param_bytes=sum(p.numel() * p.element_size() for p in params),
             ms=statistics.median(times) * 1e3,
             activation_bytes=saved,
-            output_bytes=out.numel() * out.element_size(),
+            output_bytes=sent,
         ))
-        x = out.detach()
     return costs
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def split_model(model: torch.nn.Module, inputs: Any) -> Any:
+    """The model's layers and how to cut it: a traced graph, else a checked chain of children."""
+    from meshwise import split
+
+    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    try:
+        data.call(model, inputs)
+    except Exception as error:
+        raise ValueError(f"the sample does not run through {type(model).__name__}: {type(error).__name__}: "
+                         f"{error}; pass sample=(x, y) with x as the model takes it") from error
+    try:
+        return split.GraphSplit(model, args)
+    except ValueError:
+        raise
+    except Exception as traced:  # fx could not trace forward: a chain of children still splits
+        try:
+            return split.ChainSplit(model, chain_layers(model, inputs), inputs)
+        except ValueError as chained:
+            raise ValueError(
+                f"{type(model).__name__} cannot be cut into pipeline stages: torch.fx could not trace its "
+                f"forward ({type(traced).__name__}: {str(traced).splitlines()[0] if str(traced) else ''}) and "
+                f"{chained}"
+            ) from None
 
 
 def partition(model: torch.nn.Module, sample: Any, stages: int, *, memory_limit: int | None = None) -> Partition:
     """Split ``model`` into ``stages`` contiguous stages of balanced measured time.
 
     ``sample`` is one batch ``(x, y)`` (or just ``x``); ``memory_limit`` caps each
-    stage's parameter plus saved-activation bytes.
+    stage's parameter plus saved-activation bytes. ``print`` the result to see it.
     """
     inputs = data.unpack(sample)[0] if isinstance(sample, (tuple, list)) else sample
-    layers = chain_layers(model, inputs)
-    if stages > len(layers):
-        names = ", ".join(name for name, _ in layers)
-        raise ValueError(f"pp={stages} but the model has {len(layers)} splittable layers ({names}); "
-                         f"use pp<={len(layers)} or split the layers further")
     was_training = model.training
     model.train()
     try:
-        costs = measure(layers, inputs)
+        cut = split_model(model, inputs)
+        layers = cut.layers
+        if stages > len(layers):
+            names = ", ".join(name for name, _ in layers)
+            raise ValueError(f"pp={stages} but {type(model).__name__} has {len(layers)} splittable layers ({names}); "
+                             f"use at most {len(layers)} stages, or split the layers further")
+        allowed = cut.allowed_cuts()
+        if stages > len(allowed) - 1:
+            blocked = [f"before {layers[i][0]} ({c.why})" for i, c in enumerate(cut.crossings) if not c.ok]
+            raise ValueError(f"{type(model).__name__} can be cut at {len(allowed) - 2} places, too few for {stages} "
+                             f"stages; cuts are impossible {'; '.join(blocked[:3])}")
+        costs = measure(layers, cut.layer_args, [c.bytes for c in cut.crossings[1:]])
     finally:
         model.train(was_training)
-    bounds = balance([c.ms for c in costs], stages, memory=[c.memory_bytes for c in costs], limit=memory_limit)
-    return Partition(layers=tuple(costs), bounds=tuple(bounds))
+    bounds = balance([c.ms for c in costs], stages, memory=[c.memory_bytes for c in costs], limit=memory_limit,
+                     allowed=allowed)
+    return Partition(layers=tuple(costs), bounds=tuple(bounds), split=cut)

@@ -106,12 +106,74 @@ def test_partition_measures_and_balances_unequal_layers() -> None:
 
 def test_partition_rejects_more_stages_than_layers_naming_them() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match=r"pp=4 but the model has 3 splittable layers \(0, 1, 2\)"):
+    with pytest.raises(ValueError, match=r"pp=4 but Sequential has 3 splittable layers \(0, 1, 2\)"):
         mw.partition(model, torch.randn(1, 2), stages=4)
 
 
 def test_measure_counts_saved_activations_not_parameters() -> None:
-    layers = measure([("lin", torch.nn.Linear(64, 32)), ("relu", torch.nn.ReLU())], torch.randn(16, 64), repeats=1)
+    lin, relu = torch.nn.Linear(64, 32), torch.nn.ReLU()
+    x = torch.randn(16, 64)
+    args = {"lin": (x,), "relu": (lin(x).detach(),)}
+    layers = measure([("lin", lin), ("relu", relu)], args, [16 * 32 * 4, 0], repeats=1)
     assert layers[0].activation_bytes == 16 * 64 * 4  # the input, not the weight or its transpose
     assert layers[1].activation_bytes == 16 * 32 * 4  # ReLU saves its output
     assert layers[0].output_bytes == 16 * 32 * 4 and layers[0].param_bytes == (64 * 32 + 32) * 4
+
+
+def run_stages(part, *inputs):
+    h = inputs
+    for module in part.stage_modules():
+        h = module(*h)
+        h = h if isinstance(h, tuple) else (h,)
+    return h[0]
+
+
+def test_a_residual_forward_is_cut_through_its_graph_and_stages_compute_the_model() -> None:
+    torch.manual_seed(0)
+    model, x = Residual(), torch.randn(3, 8)
+    part = mw.partition(model, (x, None), stages=3)
+    assert [layer.name for layer in part.layers] == ["embed", "blocks.0", "blocks.1", "blocks.2", "head"]
+    assert torch.equal(run_stages(part, x), model(x))
+    y = torch.randn(5, 8)  # another batch size runs too: shapes are not baked into the stages
+    assert torch.equal(run_stages(part, y), model(y))
+    # parameters keep their names on their stages
+    names = [sorted(n for n, _ in m.named_parameters()) for m in part.stage_modules()]
+    assert sorted(sum(names, [])) == sorted(n for n, _ in model.named_parameters())
+
+
+def test_the_gpt_shape_splits_with_its_tied_embedding_on_both_ends() -> None:
+    from meshwise.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab=24, context=8, layers=4, hidden=16, heads=2))
+    idx = torch.randint(0, 24, (4, 8))
+    part = mw.partition(model, (idx, None), stages=2)
+    first, last = part.stage_modules()
+    assert first.get_parameter("wte.weight") is last.get_parameter("head.weight")  # one tensor, two stages
+    assert torch.equal(run_stages(part, idx), model(idx))
+
+
+class SizeAcross(torch.nn.Module):
+    """A Python int (x.shape[1]) is read after the first layer: no cut may fall there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        n = x.shape[1]
+        h = self.a(x)
+        h = self.b(h) * n
+        return self.c(h)
+
+
+def test_cuts_are_only_where_tensors_cross() -> None:
+    part = mw.partition(SizeAcross(), (torch.randn(2, 4), None), stages=2)
+    assert part.bounds == ((0, 2), (2, 3))  # not before b: the int n would have to cross
+    with pytest.raises(ValueError, match="can be cut at 1 places, too few for 3 stages; cuts are impossible before b.*Python int"):
+        mw.partition(SizeAcross(), (torch.randn(2, 4), None), stages=3)
+
+
+def test_a_sample_that_does_not_run_through_the_model_says_so() -> None:
+    with pytest.raises(ValueError, match="sample does not run through Sequential.*mat1 and mat2"):
+        mw.partition(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)), (torch.randn(2, 5), None), 2)

@@ -1,0 +1,452 @@
+"""Pipeline parallelism, alone or with data parallelism on a 2-D (dp, pp) device mesh.
+
+The model is cut into ``pp`` stages (``pp * 2`` for the interleaved schedule: each rank
+holds two, ``r`` and ``r + pp``) by ``meshwise.partition``, balanced by measured cost.
+``torch.distributed.pipelining`` runs the stages and the schedule (GPipe, 1F1B,
+interleaved 1F1B); meshwise adds what it leaves to the user:
+
+* **Exact loss weighting.** Micro-batch k of replica r is back-propagated with weight
+  ``m_k / N`` (N: the global batch) and gradients are summed, never averaged, over
+  micro-batches (``scale_grads=False``) and replicas, so the update equals one
+  process's on the whole batch, for uneven replica shares as well.
+* **Gradient synchronisation.** After the schedule, one flat all-reduce (sum) per group:
+  each stage's gradients over its data-parallel replicas; a weight shared by stages on
+  different ranks (tied embeddings) over every rank that holds it, so its copies get the
+  same gradient and stay equal.
+* **Any batch size.** Stage buffers have fixed shapes, so each micro-batch shape gets
+  its own stages and schedule (cached); a batch the micro-batch count does not divide
+  (an epoch's last) runs with the largest count below it that does, still exact.
+* **The loss on every rank.** Only the last stage computes it; one scalar all-reduce
+  gives every rank the global mean.
+
+Mesh layout: rank = dp_index * pp + pp_index (pipelines are consecutive ranks).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleLoopedBFS,
+)
+
+from meshwise import data
+from meshwise import dist as mwdist
+from meshwise.engine import Engine, LossFn, OptimizerArg, _build_optimizer
+from meshwise.partition import Partition, split_model
+from meshwise.plan import Plan
+from meshwise.trace import Recorder
+
+VIRTUAL_STAGES = 2
+"""Stages per rank in the interleaved schedule."""
+
+TRACE_ENV = "MESHWISE_TRACE"
+
+
+def interleaved_rounds_ok(microbatches: int, pp: int) -> bool:
+    """torch's interleaved 1F1B runs micro-batches in rounds of pp: m must be a multiple of max(1, m // pp)."""
+    rounds = max(1, microbatches // pp)
+    return microbatches % rounds == 0
+
+
+def check_plan(plan: Plan) -> None:
+    """Errors a pipeline plan can have before any model is seen."""
+    if plan.schedule == "1f1b" and plan.microbatches < plan.pp:
+        raise ValueError(
+            f"schedule=1f1b needs at least as many micro-batches as pipeline stages: microbatches="
+            f"{plan.microbatches} < pp={plan.pp}; use microbatches>={plan.pp} (more shrinks the bubble)"
+        )
+    if plan.schedule == "interleaved" and not interleaved_rounds_ok(plan.microbatches, plan.pp):
+        good = [m for m in range(plan.pp, 4 * plan.pp + 1) if interleaved_rounds_ok(m, plan.pp)]
+        raise ValueError(
+            f"schedule=interleaved with pp={plan.pp} runs micro-batches in rounds of {plan.pp}: "
+            f"microbatches={plan.microbatches} is not a whole number of rounds; use microbatches <= {plan.pp} "
+            f"or a multiple of the rounds, e.g. one of {good[:6]}"
+        )
+
+
+class PipelineEngine(Engine):
+    """Trains and predicts a model cut into pipeline stages (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        plan: Plan,
+        ctx: mwdist.Context,
+        *,
+        loss_fn: LossFn | None,
+        optimizer: OptimizerArg | None,
+        sample: Any,
+        trace: bool = False,
+    ) -> None:
+        check_plan(plan)
+        if sample is None:
+            raise ValueError(f"plan {plan} cuts the model into pipeline stages, which needs sample=(x, y) (one "
+                             f"example batch) to trace and time the model; pass it to meshwise.parallelize")
+        self.plan = plan
+        self.ctx = ctx
+        self.device = ctx.device
+        self.loss_fn = loss_fn
+        self.sample = sample
+        self._sample_spec: Any = None
+        self.steps = 0
+        self._model = model
+        self.virtual = VIRTUAL_STAGES if plan.schedule == "interleaved" else 1
+        self.num_stages = plan.pp * self.virtual
+        mesh = init_device_mesh(self.device.type, (plan.dp, plan.pp), mesh_dim_names=("dp", "pp"))
+        self.mesh = mesh
+        self.dp_group = mesh.get_group("dp")
+        self.pp_group = mesh.get_group("pp")
+        self.dp_rank = mesh.get_local_rank("dp")
+        self.pp_rank = mesh.get_local_rank("pp")
+        self.dp_size = plan.dp
+        self.partition = self._partition(model, sample)
+        modules = self.partition.stage_modules()
+        self.all_stage_modules = modules
+        self.local_stages = [self.pp_rank + k * plan.pp for k in range(self.virtual)]
+        self.stage_modules = {s: modules[s].to(self.device) for s in self.local_stages}
+        self.holds_last = self.num_stages - 1 in self.local_stages
+        self.holds_first = 0 in self.local_stages
+        self._groups = self._gradient_groups(model, modules)
+        params = self._local_parameters()
+        if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
+            # a stage of parameter-free layers still gets an optimizer: over an empty placeholder
+            self.optimizer = _build_optimizer(optimizer, _Params(params or [torch.nn.Parameter(torch.zeros(0))]))
+        else:  # built on the whole model: parameters of other stages never get a gradient and stay put
+            self.optimizer = _build_optimizer(optimizer, model)
+        self._runners: dict[tuple[int, int, bool, str], tuple[list[PipelineStage], Any]] = {}
+        self._total = 1
+        self.recorder = Recorder(self.rank, self.pp_rank, self.dp_rank) if trace or os.environ.get(TRACE_ENV) else None
+        if self.recorder is not None and os.environ.get(TRACE_ENV):
+            self.recorder.dump_at_exit(os.environ[TRACE_ENV])
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def _partition(self, model: torch.nn.Module, sample: Any) -> Partition:
+        """Rank 0 measures and balances; every rank cuts its own copy of the model at its bounds."""
+        inputs = data.unpack(sample)[0]
+        inputs = data.map_tensors(lambda t: t.to(self.device), inputs)
+        model.to(self.device)
+        message: list[Any] = [None]
+        part = None
+        if self.rank == 0:
+            try:
+                from meshwise.partition import partition
+
+                part = partition(model, (inputs, None), self.num_stages)
+                message = [("ok", part.bounds)]
+            except (ValueError, TypeError) as error:
+                message = [("error", f"{error}")]
+        dist.broadcast_object_list(message, src=0)
+        kind, value = message[0]
+        if kind == "error":
+            raise ValueError(f"plan {self.plan} (pipeline of {self.num_stages} stages): {value}")
+        if part is None:
+            was_training = model.training
+            model.train()
+            try:
+                cut = split_model(model, inputs)
+            finally:
+                model.train(was_training)
+            layers = measure_free(cut)
+            part = Partition(layers=layers, bounds=tuple(tuple(b) for b in value), split=cut)
+        elif self.is_main:
+            print(f"meshwise: plan {self.plan}: {self.num_stages} pipeline stages"
+                  f"{f' ({self.virtual} per rank, rank r holds r, r+{self.plan.pp}, ...)' if self.virtual > 1 else ''}"
+                  f"\n{part}", flush=True)
+        return part
+
+    def _gradient_groups(self, model: torch.nn.Module,
+                         modules: list[torch.nn.Module]) -> list[tuple[Any, list[torch.nn.Parameter]]]:
+        """(process group, parameters) pairs to all-reduce after each step, the same order on every rank."""
+        pp, dp = self.plan.pp, self.plan.dp
+        holders: dict[int, set[int]] = {}  # id(param) -> pp ranks whose stages use it
+        for s, module in enumerate(modules):
+            for p in module.parameters():
+                holders.setdefault(id(p), set()).add(s % pp)
+        canonical = [p for _, p in model.named_parameters() if id(p) in holders and p.requires_grad]
+        mine = {id(p) for s in self.local_stages for p in modules[s].parameters()}
+        tied: dict[tuple[int, ...], list[torch.nn.Parameter]] = {}
+        plain = []
+        for p in canonical:
+            ranks = tuple(sorted(holders[id(p)]))
+            if len(ranks) > 1:
+                tied.setdefault(ranks, [])
+                if id(p) in mine:
+                    tied[ranks].append(p)
+            elif id(p) in mine:
+                plain.append(p)
+        groups: list[tuple[Any, list[torch.nn.Parameter]]] = []
+        if dp > 1 and plain:
+            groups.append((self.dp_group, plain))
+        for ranks in sorted(tied):  # every rank creates every group, in the same order
+            members = sorted(d * pp + r for d in range(dp) for r in ranks)
+            group = dist.new_group(members)
+            if self.rank in members and tied[ranks]:
+                groups.append((group, tied[ranks]))
+        self.tied_names = sorted(
+            name for name, p in model.named_parameters(remove_duplicate=False)
+            if len(holders.get(id(p), ())) > 1
+        )
+        return groups
+
+    def _local_parameters(self) -> list[torch.nn.Parameter]:
+        seen: dict[int, torch.nn.Parameter] = {}
+        for s in self.local_stages:
+            for p in self.stage_modules[s].parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def _runner(self, rows: int, microbatches: int, train: bool,
+                example: tuple[Any, ...]) -> tuple[list[PipelineStage], Any]:
+        """Stages and schedule for micro-batches of ``rows`` rows (stage buffers have fixed shapes).
+
+        Forward-only runs and a 1F1B step with fewer micro-batches than stages (torch's
+        1F1B needs m >= pp) use GPipe order: the same sums, another order of actions."""
+        name = self.plan.schedule
+        if not train or (name == "1f1b" and microbatches < self.plan.pp):
+            name = "looped" if name == "interleaved" else "gpipe"
+        key = (rows, microbatches, train, name)
+        if key not in self._runners:
+            metas = self._metas(tuple(t[:rows] for t in example), train)
+            stages = [
+                _Stage(self.stage_modules[s], s, self.num_stages, self.device, input_args=metas[s][0],
+                       output_args=metas[s][1], group=self.pp_group, recorder=self.recorder if train else None)
+                for s in self.local_stages
+            ]
+            loss = self._weighted_loss if train else None
+            if name == "interleaved":
+                schedule = ScheduleInterleaved1F1B(stages, microbatches, loss_fn=loss, scale_grads=False)
+            elif name == "looped":
+                schedule = ScheduleLoopedBFS(stages, microbatches, loss_fn=loss, scale_grads=False)
+            elif name == "1f1b":
+                schedule = Schedule1F1B(stages[0], microbatches, loss_fn=loss, scale_grads=False)
+            else:
+                schedule = ScheduleGPipe(stages[0], microbatches, loss_fn=loss, scale_grads=False)
+            self._runners[key] = (stages, schedule)
+        return self._runners[key]
+
+    def _metas(self, microbatch: tuple[Any, ...], train: bool) -> list[tuple[tuple[Any, ...], tuple[Any, ...]]]:
+        """Every stage's input and output shapes for one micro-batch, found by running the stages
+        on fake tensors (no compute, no memory), so torch's stages need no shape exchange."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        def meta(t: torch.Tensor, grad: bool) -> torch.Tensor:
+            return torch.empty(t.shape, dtype=t.dtype, device="meta").requires_grad_(grad and t.is_floating_point())
+
+        out = []
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.set_grad_enabled(train):
+            h = tuple(mode.from_tensor(t) for t in microbatch)
+            for s, module in enumerate(self.all_stage_modules):
+                if s:
+                    h = tuple(t.detach().requires_grad_(train and t.is_floating_point()) for t in h)
+                result = module(*h)
+                result = tuple(result) if isinstance(result, (tuple, list)) else (result,)
+                out.append((tuple(meta(t, train and s > 0) for t in h), tuple(meta(t, train) for t in result)))
+                h = result
+        return out
+
+    # -- training -----------------------------------------------------------------------------
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The user's model: on this rank, only the parameters of its stages are trained."""
+        return self._model
+
+    def loader(self, dataset: Any, batch_size: int, **kwargs: Any) -> Iterator[Any]:
+        shares = [len(s) for s in torch.arange(batch_size).tensor_split(self.dp_size)] if type(batch_size) is int else []
+        bad = [n for n in shares if n % self.plan.microbatches]
+        if bad:
+            m = self.plan.microbatches
+            good = self.dp_size * m
+            raise ValueError(
+                f"batch_size={batch_size} gives replicas {shares} samples each, which microbatches={m} does not "
+                f"divide (pipeline stages pass micro-batches of one shape); use a batch_size that is a multiple "
+                f"of dp x microbatches = {good}, e.g. {max(good, batch_size // good * good)}"
+            )
+        return super().loader(dataset, batch_size, **kwargs)
+
+    def _microbatches(self, rows: int) -> int:
+        """The plan's count if it divides ``rows``, else the largest count below it that does
+        (and that the schedule allows)."""
+        for m in range(min(self.plan.microbatches, rows), 0, -1):
+            if rows % m == 0 and (self.plan.schedule != "interleaved" or interleaved_rounds_ok(m, self.plan.pp)):
+                return m
+        return 1
+
+    def _weighted_loss(self, output: Any, target: Any) -> torch.Tensor:
+        return self._loss(output, target) * (data.batch_size_of(target) / self._total)
+
+    def step(self, batch: Any) -> float:
+        """One pipelined forward/backward over this replica's share, gradient sync and optimizer step.
+
+        Returns the global mean loss over the whole global batch, the same on every rank.
+        """
+        if self.loss_fn is None or self.optimizer is None:
+            raise ValueError("step needs loss_fn and optimizer: pass both to meshwise.parallelize")
+        data.unpack(batch)
+        self._check(batch)
+        local = data.batch_size_of(batch)
+        self._total = self._global_size(batch, local)
+        loss_sum = torch.zeros((), device=self.device)
+        if self.recorder is not None:
+            self.recorder.begin_step(self.steps)
+        if local:
+            batch = data.to_device(batch, self.device)
+            inputs, targets = data.unpack(batch)
+            m = self._microbatches(local)
+            args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+            _, schedule = self._runner(local // m, m, True, args)
+            losses: list[torch.Tensor] = []
+            schedule.step(*args, target=targets, losses=losses, return_outputs=False)
+            if self.holds_last:
+                loss_sum = torch.stack([x.detach() for x in losses]).sum()
+        if self.recorder is not None:
+            self.recorder.end_step()
+        self._sync_gradients()
+        dist.all_reduce(loss_sum)  # last stages hold their replica's share of the mean, others 0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        return float(loss_sum)
+
+    def _sync_gradients(self) -> None:
+        for group, params in self._groups:
+            flags = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+                             + [flags])
+            dist.all_reduce(flat, group=group)
+            offset = 0
+            for p, flag in zip(params, flat[-len(params):].tolist()):
+                n = p.numel()
+                p.grad = flat[offset:offset + n].view_as(p) if flag else None
+                offset += n
+
+    # -- inference and state ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, inputs: Any, batch_size: int | None = None) -> Any:
+        """The model's outputs for all of ``inputs``, in order, on every rank (forward only).
+
+        A collective. Each replica runs a contiguous slice through its pipeline in eval
+        mode, ``batch_size`` rows at a time; the last stages' outputs are gathered.
+        """
+        dataset = data.as_dataset(inputs)
+        n = len(dataset)
+        if n == 0:
+            raise ValueError("predict got no inputs (length 0)")
+        if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
+            raise ValueError(f"batch_size={batch_size!r} is invalid: use an integer >= 1 or None")
+        mine = data.share(torch.arange(n), self.dp_rank, self.dp_size)
+        modes = {s: m.training for s, m in self.stage_modules.items()}
+        for module in self.stage_modules.values():
+            module.eval()
+        outs = []
+        try:
+            for chunk in mine.split(batch_size or max(len(mine), 1)) if len(mine) else []:
+                batch = data.fetch(dataset, chunk)
+                if isinstance(batch, (tuple, list)):
+                    batch = batch[0]
+                batch = data.to_device(batch, self.device)
+                rows = len(chunk)
+                m = self._microbatches(rows)
+                args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+                _, schedule = self._runner(rows // m, m, False, args)
+                out = schedule.step(*args)
+                if self.holds_last:
+                    outs.append(data.map_tensors(lambda t: t.detach().cpu(), out))
+        finally:
+            for s, module in self.stage_modules.items():
+                module.train(modes[s])
+        local = data.concat(outs) if outs else None
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, (self.dp_rank, local) if self.holds_last else None)
+        parts = sorted((g for g in gathered if g is not None and g[1] is not None), key=lambda g: g[0])
+        return data.map_tensors(lambda t: t.to(self.device), data.concat([p for _, p in parts]))
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's state dict, gathered from the stages onto rank 0 (None elsewhere).
+
+        A collective. It loads into the original, unwrapped model.
+        """
+        mine: dict[str, torch.Tensor] = {}
+        if self.dp_rank == 0:
+            for s in self.local_stages:
+                mine.update({k: v.detach().cpu() for k, v in self.stage_modules[s].state_dict().items()})
+        gathered: list[Any] = [None] * self.world_size if self.is_main else None
+        dist.gather_object(mine, gathered, dst=0)
+        if not self.is_main:
+            return None
+        merged = {k: v.detach().cpu().clone() for k, v in self._model.state_dict().items()}
+        for part in gathered:
+            merged.update(part)
+        return merged
+
+    def write_trace(self, directory: str) -> dict[str, Any] | None:
+        """Gather the recorded timeline to rank 0 and write trace.json and trace.png there.
+
+        A collective. Returns the bubble figures on rank 0 (None elsewhere); needs ``trace=True``.
+        """
+        if self.recorder is None:
+            raise ValueError("no timeline was recorded: pass trace=True to meshwise.parallelize "
+                             "(or --trace DIR to meshwise run)")
+        gathered: list[Any] = [None] * self.world_size if self.is_main else None
+        dist.gather_object(self.recorder.events, gathered, dst=0)
+        if not self.is_main:
+            return None
+        from meshwise import trace
+
+        events = [e for rank_events in gathered for e in rank_events]
+        return trace.write(directory, events, f"plan {self.plan}")
+
+
+class _Params(torch.nn.Module):
+    """Hands a list of parameters to an optimizer factory as ``module.parameters()``."""
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        super().__init__()
+        self._list = params
+
+    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]:  # type: ignore[override]
+        return iter(self._list)
+
+
+class _Stage(PipelineStage):
+    """A PipelineStage that records when each micro-batch's forward and backward ran."""
+
+    def __init__(self, *args: Any, recorder: Recorder | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._recorder = recorder
+
+    def forward_one_chunk(self, fwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+        if self._recorder is None:
+            return super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+        with self._recorder.span("F", self.stage_index, fwd_chunk_id):
+            return super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+
+    def backward_one_chunk(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+        if self._recorder is None:
+            return super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
+        with self._recorder.span("B", self.stage_index, bwd_chunk_id):
+            return super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
+
+
+def measure_free(cut: Any) -> tuple[Any, ...]:
+    """Layer records without timing, for ranks that take the bounds from rank 0."""
+    from meshwise.partition import Layer
+
+    return tuple(
+        Layer(name=name, params=sum(p.numel() for p in m.parameters()),
+              param_bytes=sum(p.numel() * p.element_size() for p in m.parameters()),
+              ms=0.0, activation_bytes=0, output_bytes=c.bytes)
+        for (name, m), c in zip(cut.layers, cut.crossings[1:])
+    )

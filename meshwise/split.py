@@ -1,0 +1,233 @@
+"""Cut a model's forward into pipeline stages that run the model's own layers.
+
+A model is traced with ``torch.fx`` into a graph whose *layers* (its children, and
+the items of a ModuleList or Sequential child) stay opaque calls to the original
+modules. The computation between layers (adding position embeddings, residuals in the
+parent's forward, masks made from the input) is kept as graph nodes. A cut before
+layer ``i`` puts every layer before it, and every node that needs only their results,
+on the earlier side; the values the later side reads are sent forward as the stage's
+outputs. Values that skip a stage are passed through it.
+
+Nothing is re-implemented or re-traced inside a layer: a stage calls the very module
+objects of the user's model, so its numbers are those of the single-process model,
+shapes stay free (an uneven last batch runs), and parameter names are kept
+(``blocks.3.attn.weight`` is called so on its stage). A weight shared by layers on
+different stages (tied input and output embeddings) appears on each of them; the
+engine keeps the copies equal by summing their gradients.
+
+A cut is allowed only where every value crossing it is a tensor; models fx cannot
+trace fall back to a checked chain of children (see ``partition.chain_layers``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+
+@dataclass
+class _Crossing:
+    nodes: list[fx.Node]
+    ok: bool
+    why: str
+    bytes: int
+
+
+class GraphSplit:
+    """A traced model and its layers, ready to cut into stage modules."""
+
+    def __init__(self, model: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
+        self.model = model
+        self.layers = _candidates(model)
+        leaves = {module for _, module in self.layers}
+        tracer = _LeafTracer(leaves)
+        graph = tracer.trace(model)
+        self.graph = graph
+        self.gm = fx.GraphModule(model, graph)
+        calls = [n for n in graph.nodes if n.op == "call_module"]
+        names = [str(n.target) for n in calls]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"{type(model).__name__} calls {', '.join(twice)} more than once in forward; a pipeline "
+                             f"stage holds each layer once: give each use its own module (weights may be shared)")
+        by_name = dict(self.layers)
+        self.layers = [(name, by_name[name]) for name in names if name in by_name]
+        self.index = {name: i for i, (name, _) in enumerate(self.layers)}
+        self.values = _run(self.gm, inputs)  # node -> value on the sample
+        self.layer_args = {str(n.target): self._args_of(n) for n in calls}
+        self.order = {n: i for i, n in enumerate(graph.nodes)}
+        self.crossings = [self._crossing(i) for i in range(len(self.layers) + 1)]
+
+    def _args_of(self, node: fx.Node) -> tuple[Any, ...]:
+        if node.kwargs:
+            raise ValueError(f"layer {node.target} is called with keyword arguments; stages pass positional tensors only")
+        return tuple(self.values[a] if isinstance(a, fx.Node) else a for a in node.args)
+
+    def layer_stage(self, bounds: list[tuple[int, int]]) -> list[int]:
+        out = []
+        for s, (a, b) in enumerate(bounds):
+            out += [s] * (b - a)
+        return out
+
+    def _assign(self, stage_of_layer: list[int]) -> dict[fx.Node, int]:
+        """Stage of every node: layers by the cut, others at the latest stage of their inputs
+        (a node with no inputs, such as a constant or a weight, at its first user's stage)."""
+        stage: dict[fx.Node, int] = {}
+        for node in self.graph.nodes:
+            if node.op == "call_module":
+                stage[node] = stage_of_layer[self.index[str(node.target)]]
+            elif node.op == "placeholder":
+                stage[node] = 0
+            elif node.op == "output":
+                stage[node] = stage_of_layer[-1]
+            else:
+                ins = [stage[a] for a in node.all_input_nodes if a in stage]
+                if ins:
+                    stage[node] = max(ins)
+        for node in reversed(self.graph.nodes):
+            if node not in stage:
+                users = [stage[u] for u in node.users if u in stage]
+                stage[node] = min(users) if users else 0
+        return stage
+
+    def _crossing(self, cut: int) -> _Crossing:
+        """What a cut before layer ``cut`` sends forward (cut 0 and cut L send nothing)."""
+        n = len(self.layers)
+        if cut in (0, n):
+            return _Crossing([], True, "", 0)
+        stage = self._assign([0] * cut + [1] * (n - cut))
+        nodes = [x for x in self.graph.nodes if stage[x] == 0 and x.op != "get_attr"
+                 and any(stage[u] == 1 for u in x.users)]
+        for x in nodes:
+            value = self.values.get(x)
+            if not isinstance(value, torch.Tensor):
+                return _Crossing(nodes, False, f"value {x.name} is a Python {type(value).__name__}; only tensors "
+                                 f"pass between stages", 0)
+        return _Crossing(nodes, True, "", sum(self.values[x].numel() * self.values[x].element_size() for x in nodes))
+
+    def allowed_cuts(self) -> set[int]:
+        return {i for i, c in enumerate(self.crossings) if c.ok}
+
+    def stage_modules(self, bounds: list[tuple[int, int]]) -> list[torch.nn.Module]:
+        """One module per stage: stage s takes stage s-1's outputs (the model's inputs for
+        s = 0) and returns what later stages read (the model's output for the last)."""
+        stage_of_layer = self.layer_stage(bounds)
+        stage = self._assign(stage_of_layer)
+        last = len(bounds) - 1
+        # carried[s]: values made at a stage <= s and read at a stage > s, in graph order
+        carried: list[list[fx.Node]] = []
+        for s in range(last):
+            carried.append([x for x in self.graph.nodes if x.op != "get_attr" and stage[x] <= s
+                            and any(stage[u] > s for u in x.users)])
+        modules = []
+        for s in range(last + 1):
+            graph = fx.Graph()
+            env: dict[fx.Node, fx.Node] = {}
+            incoming = [x for x in self.graph.nodes if x.op == "placeholder"] if s == 0 else carried[s - 1]
+            for x in incoming:
+                env[x] = graph.placeholder(x.name if x.op == "placeholder" else f"in_{x.name}")
+            for x in self.graph.nodes:
+                if x.op == "placeholder" or x.op == "output":
+                    continue
+                if x.op == "get_attr":
+                    if any(stage[u] == s for u in x.users):
+                        env[x] = graph.node_copy(x, lambda a: env[a])
+                    continue
+                if stage[x] == s:
+                    env[x] = graph.node_copy(x, lambda a: env[a])
+            if s == last:
+                out = next(x for x in self.graph.nodes if x.op == "output")
+                graph.node_copy(out, lambda a: env[a])
+            else:
+                outs = [env[x] for x in carried[s]]
+                graph.output(outs[0] if len(outs) == 1 else tuple(outs))
+            graph.lint()
+            modules.append(fx.GraphModule(self.model, graph, class_name=f"Stage{s}"))
+        return modules
+
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, leaves: set[torch.nn.Module]) -> None:
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        return m in self.leaves or super().is_leaf_module(m, module_qualified_name)
+
+
+def _candidates(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The splittable layers: children, with ModuleList/Sequential children opened one level."""
+    out = []
+    for name, child in model.named_children():
+        if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)) and len(child):
+            out += [(f"{name}.{sub}", m) for sub, m in child.named_children()]
+        else:
+            out.append((name, child))
+    return out
+
+
+def _run(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> dict[fx.Node, Any]:
+    values: dict[fx.Node, Any] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            result = super().run_node(n)
+            values[n] = result
+            return result
+
+    with torch.no_grad():
+        Recorder(gm).run(*inputs)
+    return values
+
+
+class ChainSplit:
+    """A model whose forward calls its layers one after the other (checked with hooks):
+    stage s is the layers of its range applied in turn. For models fx cannot trace."""
+
+    def __init__(self, model: torch.nn.Module, layers: list[tuple[str, torch.nn.Module]], inputs: Any) -> None:
+        self.model = model
+        self.layers = layers
+        self.layer_args: dict[str, tuple[Any, ...]] = {}
+        x = inputs
+        with torch.no_grad():
+            for name, module in layers:
+                self.layer_args[name] = (x,)
+                x = module(x)
+        outs = [self.layer_args[name][0] for name, _ in layers[1:]] + [x]
+        self.crossings = [_Crossing([], True, "", 0)] + [
+            _Crossing([], isinstance(o, torch.Tensor), f"{name} returns a Python {type(o).__name__}; only tensors pass between stages",
+                      o.numel() * o.element_size() if isinstance(o, torch.Tensor) else 0)
+            for (name, _), o in zip(layers, outs)
+        ]
+        self.crossings[-1] = _Crossing([], True, "", 0)
+
+    def allowed_cuts(self) -> set[int]:
+        return {i for i, c in enumerate(self.crossings) if c.ok}
+
+    def stage_modules(self, bounds: list[tuple[int, int]]) -> list[torch.nn.Module]:
+        return [_Chain(self.layers[a:b]) for a, b in bounds]
+
+
+class _Chain(torch.nn.Module):
+    """Layers applied in turn, registered under their names in the original model."""
+
+    def __init__(self, layers: list[tuple[str, torch.nn.Module]]) -> None:
+        super().__init__()
+        self.order: list[str] = []
+        for name, module in layers:
+            parent = self
+            *path, leaf = name.split(".")
+            for part in path:
+                if not hasattr(parent, part):
+                    parent.add_module(part, torch.nn.Module())
+                parent = getattr(parent, part)
+            parent.add_module(leaf, module)
+            self.order.append(name)
+
+    def forward(self, x: Any) -> Any:
+        for name in self.order:
+            x = self.get_submodule(name)(x)
+        return x
