@@ -40,13 +40,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--node-rank", type=int, default=0, help="this host's index; host 0 serves the rendezvous")
     run.add_argument("--rdzv-endpoint", help="HOST:PORT of host 0, reachable by every host (multi-host only)")
     run.add_argument("--max-restarts", type=int, default=0, help="restart all workers up to K times after a failure")
+    run.add_argument("--trace", metavar="DIR", help="record the pipeline timeline: DIR/trace.json (Chrome trace), "
+                     "DIR/trace.png (Gantt chart), and the bubble fraction")
     run.add_argument("script", metavar="SCRIPT", help="a Python script, or -m MODULE (a module run as python -m)")
     run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments for the script")
 
-    demo = sub.add_parser("demo", help="train a digits classifier with data parallelism",
-                          description="Train a small classifier on scikit-learn's bundled digits data.")
+    demo = sub.add_parser("demo", help="train a digits classifier, or a character GPT in a pipeline",
+                          description="Train a small classifier on scikit-learn's bundled digits data (--model "
+                                      "digits), or a character-level GPT on Python's own help text (--model gpt).")
     _add_launch_options(demo, nproc_default=None)
-    demo.add_argument("--epochs", type=int, default=None, help="passes over the training set (default 20)")
+    demo.add_argument("--model", choices=("digits", "gpt"), default="digits", help="which demo (default digits)")
+    demo.add_argument("--epochs", type=int, default=None, help="digits: passes over the training set (default 20)")
+    demo.add_argument("--steps", type=int, default=None, help="gpt: training steps (default 500)")
+    demo.add_argument("--trace", metavar="DIR", help="gpt: write the pipeline timeline (trace.json, trace.png) to DIR")
     demo.add_argument("--batch-size", type=int, default=None, help="global batch (default 64)")
     demo.add_argument("--out", help="run directory (default runs/demo-TIMESTAMP-XXXX)")
     return parser
@@ -73,7 +79,8 @@ def _job(parser: argparse.ArgumentParser, ns: argparse.Namespace, default_nproc:
     return job, str(plan) if plan is not None else None
 
 
-_RUN_VALUE_OPTIONS = {"--nproc", "--plan", "--device", "--nnodes", "--node-rank", "--rdzv-endpoint", "--max-restarts"}
+_RUN_VALUE_OPTIONS = {"--nproc", "--plan", "--device", "--nnodes", "--node-rank", "--rdzv-endpoint", "--max-restarts",
+                      "--trace", "--model"}
 
 
 def _module_as_script(argv: list[str]) -> list[str]:
@@ -111,16 +118,24 @@ def main(argv: list[str] | None = None) -> int:
             if not os.path.isfile(ns.script):
                 parser.error(f"script {ns.script!r} not found")
             command = [ns.script, *ns.args]
-        return run_command(command, job, plan=plan, device=ns.device)
+        return run_command(command, job, plan=plan, device=ns.device, trace=ns.trace)
     if ns.command == "demo":
         job, plan = _job(parser, ns, 2)
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "steps"):
             value = getattr(ns, name)
             if value is not None and value < 1:
                 parser.error(f"--{name.replace('_', '-')}={value} is invalid: it must be >= 1")
-        command = ["-m", "meshwise.demo"]
+        wrong = [f"--{n}" for n, v in (("epochs", ns.epochs), ) if v is not None and ns.model == "gpt"]
+        wrong += [f"--{n}" for n, v in (("steps", ns.steps), ("trace", ns.trace)) if v is not None and ns.model == "digits"]
+        if wrong:
+            parser.error(f"{', '.join(wrong)} does not apply to --model {ns.model}")
+        command = ["-m", "meshwise.demo" if ns.model == "digits" else "meshwise.demo_gpt"]
         if ns.epochs is not None:
             command += ["--epochs", str(ns.epochs)]
+        if ns.steps is not None:
+            command += ["--steps", str(ns.steps)]
+        if ns.trace is not None:
+            command += ["--trace", ns.trace]
         if ns.batch_size is not None:
             command += ["--batch-size", str(ns.batch_size)]
         if ns.out:

@@ -44,6 +44,7 @@ def parallelize(
     sample: Any = None,
     device: str | torch.device | None = None,
     trace: bool = False,
+    stages: Any = None,
 ) -> Engine:
     """Wrap a single-device ``model`` for training and inference under ``plan``.
 
@@ -53,7 +54,8 @@ def parallelize(
     ``(x, y)``: later batches must match its per-sample shapes and dtypes. ``device``
     ``"cpu"`` forces the CPU (default: the launcher's ``--device``, else one GPU per
     local rank where CUDA is available). ``trace=True`` records a pipeline's timeline
-    (``engine.write_trace(dir)``).
+    (``engine.write_trace(dir)``). ``stages`` overrides where a pipeline is cut: a
+    ``meshwise.partition`` result or a list of ``(start, stop)`` layer ranges.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"parallelize expects a torch.nn.Module, got {type(model).__name__}")
@@ -63,7 +65,8 @@ def parallelize(
     if plan.pp > 1:
         from meshwise.pipeline import PipelineEngine
 
-        return PipelineEngine(model, plan, ctx, loss_fn=loss_fn, optimizer=optimizer, sample=sample, trace=trace)
+        return PipelineEngine(model, plan, ctx, loss_fn=loss_fn, optimizer=optimizer, sample=sample, trace=trace,
+                              stages=stages)
     return Engine(model, plan, ctx, loss_fn=loss_fn, optimizer=optimizer, sample=sample)
 
 

@@ -220,13 +220,21 @@ def record_failure(exc: BaseException, skip: Callable[[str], bool] = lambda file
         json.dump(data, f)
 
 
-def run_command(argv: list[str], job: Job, *, plan: Plan | str | None = None, device: str | None = None) -> int:
-    """Run ``python ARGV...`` on ``job.nproc`` local workers; the exit code of the job."""
+def run_command(argv: list[str], job: Job, *, plan: Plan | str | None = None, device: str | None = None,
+                trace: str | None = None) -> int:
+    """Run ``python ARGV...`` on ``job.nproc`` local workers; the exit code of the job.
+
+    ``trace=DIR`` makes pipelined engines record their timeline; the per-rank files are
+    merged into DIR/trace.json and DIR/trace.png when the job succeeds."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
     with _environment(job, plan, device) as run_dir:
+        if trace is not None:
+            from meshwise.pipeline import TRACE_ENV
+
+            os.environ[TRACE_ENV] = os.path.abspath(trace)
         try:
             elastic_launch(_config(job, run_dir), sys.executable)("-m", "meshwise.worker", *argv)
         except ChildFailedError as error:
@@ -239,6 +247,12 @@ def run_command(argv: list[str], job: Job, *, plan: Plan | str | None = None, de
         except KeyboardInterrupt:  # Ctrl-C before the agent installed its handler
             print("meshwise: stopped by SIGINT", file=sys.stderr)
             return 130
+    if trace is not None:
+        from meshwise import trace as timeline
+
+        figures = timeline.merge(trace, title=f"plan {plan}" if plan else "")
+        print(f"meshwise: {timeline.summary_line(figures)}" if figures else
+              f"meshwise: --trace {trace}: no pipeline timeline was recorded (the plan has no pipeline, pp=1)")
     return 0
 
 

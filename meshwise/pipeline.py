@@ -87,6 +87,7 @@ class PipelineEngine(Engine):
         optimizer: OptimizerArg | None,
         sample: Any,
         trace: bool = False,
+        stages: Any = None,
     ) -> None:
         check_plan(plan)
         if sample is None:
@@ -109,7 +110,7 @@ class PipelineEngine(Engine):
         self.dp_rank = mesh.get_local_rank("dp")
         self.pp_rank = mesh.get_local_rank("pp")
         self.dp_size = plan.dp
-        self.partition = self._partition(model, sample)
+        self.partition = self._partition(model, sample, stages)
         modules = self.partition.stage_modules()
         self.all_stage_modules = modules
         self.local_stages = [self.pp_rank + k * plan.pp for k in range(self.virtual)]
@@ -131,8 +132,9 @@ class PipelineEngine(Engine):
 
     # -- set-up ------------------------------------------------------------------------------
 
-    def _partition(self, model: torch.nn.Module, sample: Any) -> Partition:
-        """Rank 0 measures and balances; every rank cuts its own copy of the model at its bounds."""
+    def _partition(self, model: torch.nn.Module, sample: Any, given: Any) -> Partition:
+        """Rank 0 measures and balances (unless ``given`` says where to cut); every rank cuts
+        its own copy of the model at the same bounds."""
         inputs = data.unpack(sample)[0]
         inputs = data.map_tensors(lambda t: t.to(self.device), inputs)
         model.to(self.device)
@@ -142,8 +144,11 @@ class PipelineEngine(Engine):
             try:
                 from meshwise.partition import partition
 
-                part = partition(model, (inputs, None), self.num_stages)
-                message = [("ok", part.bounds)]
+                if given is not None:
+                    message = [("ok", _given_bounds(given, self.num_stages))]
+                else:
+                    part = partition(model, (inputs, None), self.num_stages)
+                    message = [("ok", part.bounds)]
             except (ValueError, TypeError) as error:
                 message = [("error", f"{error}")]
         dist.broadcast_object_list(message, src=0)
@@ -157,6 +162,9 @@ class PipelineEngine(Engine):
                 cut = split_model(model, inputs)
             finally:
                 model.train(was_training)
+            if value[-1][1] != len(cut.layers):
+                raise ValueError(f"stages={list(value)} ends at layer {value[-1][1]} but {type(model).__name__} has "
+                                 f"{len(cut.layers)} splittable layers; the last range must stop at {len(cut.layers)}")
             layers = measure_free(cut)
             part = Partition(layers=layers, bounds=tuple(tuple(b) for b in value), split=cut)
         elif self.is_main:
@@ -407,6 +415,16 @@ class PipelineEngine(Engine):
 
         events = [e for rank_events in gathered for e in rank_events]
         return trace.write(directory, events, f"plan {self.plan}")
+
+
+def _given_bounds(given: Any, stages: int) -> tuple[tuple[int, int], ...]:
+    bounds = tuple(tuple(b) for b in (given.bounds if isinstance(given, Partition) else given))
+    ok = (len(bounds) == stages and bounds[0][0] == 0 and all(len(b) == 2 and b[0] < b[1] for b in bounds)
+          and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])))
+    if not ok:
+        raise ValueError(f"stages={list(bounds)} is not {stages} contiguous, non-empty (start, stop) layer ranges "
+                         f"from 0; give one range per pipeline stage, e.g. [(0, 3), (3, 6)]")
+    return bounds
 
 
 class _Params(torch.nn.Module):

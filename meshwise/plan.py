@@ -28,8 +28,9 @@ class Plan:
     """Tensor-parallel degree: one layer's matrices split across devices."""
     zero: int = 0
     """ZeRO stage across the dp axis: 0 none, 1 optimizer state, 2 +gradients, 3 +parameters."""
-    microbatches: int = 1
-    """Micro-batches per rank per step (gradient accumulation; pipeline micro-batches)."""
+    microbatches: int | None = None
+    """Micro-batches per rank per step (gradient accumulation; pipeline micro-batches).
+    None (the default) means 1 without a pipeline and 2 * pp with one (see ``resolved``)."""
     schedule: str = "1f1b"
     """Pipeline schedule: one of gpipe, 1f1b, interleaved. Ignored when pp == 1."""
     checkpointing: bool = False
@@ -40,6 +41,8 @@ class Plan:
     def __post_init__(self) -> None:
         for name in ("dp", "pp", "tp", "microbatches"):
             value = getattr(self, name)
+            if name == "microbatches" and value is None:
+                continue
             if type(value) is not int or value < 1:
                 raise ValueError(f"plan field {name}={value!r} is invalid: it must be an integer >= 1")
         if type(self.zero) is not int or self.zero not in (0, 1, 2, 3):
@@ -58,6 +61,13 @@ class Plan:
                 f"plan field precision={self.precision!r} is invalid: it must be one of "
                 f"{', '.join(PRECISIONS)}{_did_you_mean(str(self.precision), PRECISIONS)}"
             )
+
+    def resolved(self) -> Plan:
+        """This plan with defaults made concrete: microbatches = 1, or 2 * pp for a pipeline
+        (so 1F1B can run and the bubble, (pp-1)/(m+pp-1), stays near a third)."""
+        if self.microbatches is not None:
+            return self
+        return dataclasses.replace(self, microbatches=2 * self.pp if self.pp > 1 else 1)
 
     @property
     def world_size(self) -> int:
@@ -112,7 +122,7 @@ class Plan:
 
 def _convert(key: str, raw: str, kind: Any) -> Any:
     kind = kind if isinstance(kind, str) else kind.__name__
-    if kind == "int":
+    if kind in ("int", "int | None"):
         try:
             return int(raw)
         except ValueError:
@@ -151,5 +161,5 @@ def resolve_plan(plan: Plan | str | None, world_size: int) -> Plan:
             f"plan {plan} needs {plan.world_size} processes (dp*pp*tp) but the job has {world_size}; "
             f"run with --nproc {plan.world_size} or change the plan's degrees to multiply to {world_size}"
         )
-    return plan
+    return plan.resolved()
 

@@ -11,7 +11,11 @@ from meshwise.plan import resolve_plan
 
 
 def test_defaults_and_world_size() -> None:
-    assert Plan() == Plan(dp=1, pp=1, tp=1, zero=0, microbatches=1, schedule="1f1b", checkpointing=False, precision="fp32")
+    assert Plan() == Plan(dp=1, pp=1, tp=1, zero=0, microbatches=None, schedule="1f1b", checkpointing=False,
+                          precision="fp32")
+    # unset micro-batches resolve to 1 without a pipeline, 2 per stage with one
+    assert Plan(dp=2).resolved().microbatches == 1 and Plan(pp=4).resolved().microbatches == 8
+    assert Plan(pp=4, microbatches=3).resolved().microbatches == 3
     assert Plan(dp=2, pp=3, tp=4).world_size == 24
 
 
