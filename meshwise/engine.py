@@ -292,6 +292,10 @@ class Engine:
         marked = data.global_size(batch)
         if marked is not None:
             return marked
+        if self.dp_size == 1:
+            if local == 0:
+                raise ValueError("step got an empty batch: there is nothing to train on")
+            return local
         count = torch.tensor([local], device=self.device)
         dist.all_reduce(count, group=self.dp_group)
         total = int(count)

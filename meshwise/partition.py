@@ -294,8 +294,8 @@ def partition(model: torch.nn.Module, sample: Any, stages: int, *, memory_limit:
         layers = cut.layers
         if stages > len(layers):
             names = ", ".join(name for name, _ in layers)
-            raise ValueError(f"pp={stages} but {type(model).__name__} has {len(layers)} splittable layers ({names}); "
-                             f"use at most {len(layers)} stages, or split the layers further")
+            raise ValueError(f"cannot cut {type(model).__name__} into {stages} stages: it has {len(layers)} splittable "
+                             f"layers ({names}); use at most {len(layers)} stages, or split the layers further")
         allowed = cut.allowed_cuts()
         if stages > len(allowed) - 1:
             blocked = [f"before {layers[i][0]} ({c.why})" for i, c in enumerate(cut.crossings) if not c.ok]

@@ -66,11 +66,12 @@ def check_plan(plan: Plan) -> None:
             f"{plan.microbatches} < pp={plan.pp}; use microbatches>={plan.pp} (more shrinks the bubble)"
         )
     if plan.schedule == "interleaved" and not interleaved_rounds_ok(plan.microbatches, plan.pp):
-        good = [m for m in range(plan.pp, 4 * plan.pp + 1) if interleaved_rounds_ok(m, plan.pp)]
+        m = plan.microbatches
+        near = [k for k in range(max(1, m - 4), m + 5) if interleaved_rounds_ok(k, plan.pp)]
         raise ValueError(
-            f"schedule=interleaved with pp={plan.pp} runs micro-batches in rounds of {plan.pp}: "
-            f"microbatches={plan.microbatches} is not a whole number of rounds; use microbatches <= {plan.pp} "
-            f"or a multiple of the rounds, e.g. one of {good[:6]}"
+            f"schedule=interleaved with pp={plan.pp} cannot run microbatches={m}: torch's interleaved 1F1B "
+            f"needs the count to be a multiple of its rounds, max(1, m // pp) = {max(1, m // plan.pp)}; "
+            f"use one of {near}"
         )
 
 
@@ -154,7 +155,8 @@ class PipelineEngine(Engine):
         dist.broadcast_object_list(message, src=0)
         kind, value = message[0]
         if kind == "error":
-            raise ValueError(f"plan {self.plan} (pipeline of {self.num_stages} stages): {value}")
+            virtual = f"; schedule=interleaved puts {self.virtual} stages on each rank" if self.virtual > 1 else ""
+            raise ValueError(f"plan {self.plan} (a pipeline of {self.num_stages} stages{virtual}): {value}")
         if part is None:
             was_training = model.training
             model.train()

@@ -26,3 +26,19 @@ def test_demo_defaults(tmp_path) -> None:
     assert [r["step"] for r in records] == list(range(1, len(records) + 1))
     assert {"step", "loss", "samples_per_s", "elapsed_s"} <= records[0].keys()
     assert records[-1]["loss"] < records[0]["loss"] / 10
+
+
+def test_gpt_demo_trains_in_a_pipeline_and_writes_its_timeline(tmp_path) -> None:
+    out_dir, trace = tmp_path / "run", tmp_path / "trace"
+    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "meshwise"), "demo", "--model", "gpt",
+                           "--plan", "pp=2", "--steps", "120", "--trace", str(trace), "--out", str(out_dir)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("sample:") == 1 and "2 pipeline stages" in proc.stdout  # rank 0 only
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["plan"]["pp"] == 2 and summary["steps"] == 120
+    assert summary["final_loss"] < 0.75 * summary["first_loss"]  # 4.49 -> about 2.7 at 120 steps
+    assert summary["held_out_loss"] < 0.75 * summary["first_loss"]
+    assert len(summary["sample"]) == 4 + 200 and summary["sample"].startswith("The ")
+    assert 0 <= summary["bubble"]["measured"] < 1 and summary["bubble"]["theoretical"] == 0.2
+    assert (trace / "trace.json").exists() and (trace / "trace.png").exists()

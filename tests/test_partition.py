@@ -106,7 +106,7 @@ def test_partition_measures_and_balances_unequal_layers() -> None:
 
 def test_partition_rejects_more_stages_than_layers_naming_them() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match=r"pp=4 but Sequential has 3 splittable layers \(0, 1, 2\)"):
+    with pytest.raises(ValueError, match=r"cannot cut Sequential into 4 stages: it has 3 splittable layers \(0, 1, 2\)"):
         mw.partition(model, torch.randn(1, 2), stages=4)
 
 
