@@ -28,6 +28,7 @@ test: $(VENV)/.test
 
 bench: $(VENV)/.test
 	$(BIN)/python bench/dp.py
+	$(BIN)/python bench/pp.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

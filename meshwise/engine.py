@@ -99,6 +99,7 @@ class Engine:
         sample: Any,
     ) -> None:
         self.plan = plan
+        self.microbatches: int = plan.resolved().microbatches  # type: ignore[assignment]
         self.ctx = ctx
         self.device = ctx.device
         self.dp_rank, self.dp_size = ctx.rank, plan.dp
@@ -148,12 +149,12 @@ class Engine:
         n = len(dataset)
         if n == 0:
             raise ValueError("the dataset is empty: there is nothing to train on")
-        least = self.dp_size * self.plan.microbatches
+        least = self.dp_size * self.microbatches
         if type(batch_size) is not int or batch_size < least:
             raise ValueError(
                 f"batch_size={batch_size!r} is too small for plan {self.plan}: each global batch "
                 f"must give every one of dp={self.dp_size} replicas at least microbatches="
-                f"{self.plan.microbatches} samples; use batch_size >= {least}"
+                f"{self.microbatches} samples; use batch_size >= {least}"
             )
         batches = data.global_batches(n, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last)
         return self._iterate(dataset, batches)
@@ -178,10 +179,10 @@ class Engine:
             batch = data.to_device(batch, self.device)
         if local == 0:  # an uneven tail left this replica nothing: join the all-reduce with zeros
             parts = [(self._placeholder(), 0)]
-        elif self.plan.microbatches == 1:
+        elif self.microbatches == 1:
             parts = [(batch, local)]
         else:
-            parts = [(p, data.batch_size_of(p)) for p in data.split(batch, self.plan.microbatches)]
+            parts = [(p, data.batch_size_of(p)) for p in data.split(batch, self.microbatches)]
         carried = []  # dp * (sum of per-sample losses) per micro-batch, without autograd history
         for i, (part, size) in enumerate(parts):
             inputs, targets = data.unpack(part)

@@ -90,11 +90,12 @@ class PipelineEngine(Engine):
         trace: bool = False,
         stages: Any = None,
     ) -> None:
-        check_plan(plan)
+        check_plan(plan.resolved())
         if sample is None:
             raise ValueError(f"plan {plan} cuts the model into pipeline stages, which needs sample=(x, y) (one "
                              f"example batch) to trace and time the model; pass it to meshwise.parallelize")
         self.plan = plan
+        self.microbatches: int = plan.resolved().microbatches  # type: ignore[assignment]
         self.ctx = ctx
         self.device = ctx.device
         self.loss_fn = loss_fn
@@ -170,7 +171,7 @@ class PipelineEngine(Engine):
             layers = measure_free(cut)
             part = Partition(layers=layers, bounds=tuple(tuple(b) for b in value), split=cut)
         elif self.is_main:
-            print(f"meshwise: plan {self.plan}: {self.num_stages} pipeline stages"
+            print(f"meshwise: plan {self.plan}: {self.num_stages} pipeline stages, {self.microbatches} micro-batches"
                   f"{f' ({self.virtual} per rank, rank r holds r, r+{self.plan.pp}, ...)' if self.virtual > 1 else ''}"
                   f"\n{part}", flush=True)
         return part
@@ -274,9 +275,9 @@ class PipelineEngine(Engine):
 
     def loader(self, dataset: Any, batch_size: int, **kwargs: Any) -> Iterator[Any]:
         shares = [len(s) for s in torch.arange(batch_size).tensor_split(self.dp_size)] if type(batch_size) is int else []
-        bad = [n for n in shares if n % self.plan.microbatches]
+        bad = [n for n in shares if n % self.microbatches]
         if bad:
-            m = self.plan.microbatches
+            m = self.microbatches
             good = self.dp_size * m
             raise ValueError(
                 f"batch_size={batch_size} gives replicas {shares} samples each, which microbatches={m} does not "
@@ -288,7 +289,7 @@ class PipelineEngine(Engine):
     def _microbatches(self, rows: int) -> int:
         """The plan's count if it divides ``rows``, else the largest count below it that does
         (and that the schedule allows)."""
-        for m in range(min(self.plan.microbatches, rows), 0, -1):
+        for m in range(min(self.microbatches, rows), 0, -1):
             if rows % m == 0 and (self.plan.schedule != "interleaved" or interleaved_rounds_ok(m, self.plan.pp)):
                 return m
         return 1

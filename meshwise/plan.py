@@ -161,5 +161,5 @@ def resolve_plan(plan: Plan | str | None, world_size: int) -> Plan:
             f"plan {plan} needs {plan.world_size} processes (dp*pp*tp) but the job has {world_size}; "
             f"run with --nproc {plan.world_size} or change the plan's degrees to multiply to {world_size}"
         )
-    return plan.resolved()
+    return plan
 
