@@ -76,7 +76,9 @@ def _wait(procs: list[Any], tmp: str, deadline: float) -> None:
             rank = min(failed, key=lambda r: _mtime(os.path.join(tmp, f"error-{r}.txt")))
             for p in procs:
                 p.kill()
-            trace = _read(os.path.join(tmp, f"error-{rank}.txt")) or f"exit code {procs[rank].exitcode}, no traceback"
+            trace = _read(os.path.join(tmp, f"error-{rank}.txt")) or (
+                f"exit code {procs[rank].exitcode}, no traceback; native crash stack, if any:\n"
+                f"{_read(os.path.join(tmp, f'stack-{rank}.txt'))}")
             raise RankFailed(f"rank {rank} of {len(procs)} failed:\n{trace}")
         if all(p.exitcode == 0 for p in procs):
             return
@@ -97,6 +99,7 @@ def _rank_main(fn: Callable[..., Any], args: tuple[Any, ...], env: dict[str, str
     rank = env["RANK"]
     stack_file = open(os.path.join(tmp, f"stack-{rank}.txt"), "w")
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
+    faulthandler.enable(file=stack_file, all_threads=True)  # native crashes too
     import torch
 
     torch.set_num_threads(1)
@@ -112,6 +115,8 @@ def _rank_main(fn: Callable[..., Any], args: tuple[Any, ...], env: dict[str, str
 
     if dist.is_initialized():
         dist.destroy_process_group()
+    stack_file.close()
+    os._exit(0)  # skip the interpreter's teardown of torch's C++ state (see meshwise.worker._leave)
 
 
 def _load(path: str) -> Any:
