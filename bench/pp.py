@@ -5,7 +5,8 @@
 
 Three measurements, all in one invocation on the same workers:
 
-(a) **Overhead.** The same model (8 equal blocks), schedule (1F1B) and micro-batches,
+(a) **Overhead.** The same model (8 equal blocks), cut (four blocks per stage, given to
+    meshwise with ``stages=``), schedule (1F1B) and micro-batches,
     trained by meshwise and by a hand-written ``torch.distributed.pipelining`` loop
     (``PipelineStage`` on ``nn.Sequential`` halves, ``Schedule1F1B`` with a mean loss),
     what a user of torch's pipelining writes. Timed blocks of K steps alternate between
@@ -92,9 +93,10 @@ def _worker(batch: int, microbatches: int, rounds: int, steps: int) -> dict:
 
     # (a) overhead against the hand-split loop
     equal_widths = [1024] * 8
+    halves = [(0, 16), (16, 33)]  # the hand split's cut (four blocks each), so only the runtime differs
     engine = mw.parallelize(blocks(equal_widths), mw.Plan(pp=2, microbatches=microbatches, schedule="1f1b"),
                             loss_fn=F.cross_entropy, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
-                            sample=batches[0])
+                            sample=batches[0], stages=halves)
     hand = _hand_split(blocks(equal_widths), microbatches)
     ours, theirs, ratios = [], [], []
     for r in range(rounds):
@@ -151,8 +153,8 @@ def main() -> None:
     args = parser.parse_args()
     r = mw.launch(_worker, 2, (args.batch, args.microbatches, args.rounds, args.steps), device="cpu")
     o, b = r["overhead"], r["balance"]
-    print(f"(a) pp=2, 1f1b, {args.microbatches} micro-batches, batch {args.batch}, 8 equal blocks "
-          f"(meshwise cut {o['bounds']}):")
+    print(f"(a) pp=2, 1f1b, {args.microbatches} micro-batches, batch {args.batch}, 8 equal blocks, "
+          f"both cut at {o['bounds']}:")
     print(f"    meshwise {o['meshwise_ms']:.2f} ms/step, hand-split torch pipelining {o['hand_ms']:.2f} ms/step; "
           f"ratio meshwise/hand {o['ratio']:.3f} (rounds {o['spread'][0]:.3f}..{o['spread'][1]:.3f})")
     print(f"(b) blocks of widths 2048x4, 512x4: balanced cut {b['balanced_bounds']} {b['balanced_ms']:.2f} ms/step, "
