@@ -169,12 +169,7 @@ class Engine:
 
         Returns the global mean loss over the whole global batch, the same on every rank.
         """
-        if self.loss_fn is None or self.optimizer is None:
-            raise ValueError("step needs loss_fn and optimizer: pass both to meshwise.parallelize")
-        data.unpack(batch)
-        self._check(batch)
-        local = data.batch_size_of(batch)
-        total = self._global_size(batch, local)
+        local, total = self._begin_step(batch)
         if self.device.type != "cpu":
             batch = data.to_device(batch, self.device)
         if local == 0:  # an uneven tail left this replica nothing: join the all-reduce with zeros
@@ -210,13 +205,7 @@ class Engine:
         ``batch_size`` rows at a time (all at once if None); the slices are gathered back
         in input order. Dataset items that are ``(input, target)`` pairs use the input only.
         """
-        dataset = data.as_dataset(inputs)
-        n = len(dataset)
-        if n == 0:
-            raise ValueError("predict got no inputs (length 0)")
-        if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
-            raise ValueError(f"batch_size={batch_size!r} is invalid: use an integer >= 1 or None")
-        mine = data.share(torch.arange(n), self.dp_rank, self.dp_size)
+        dataset, n, mine = self._predict_share(inputs, batch_size)
         model = self.model
         if self.dp_size > 1:
             for buffer in model.buffers():  # e.g. batch-norm statistics, which replicas update apart
@@ -233,6 +222,25 @@ class Engine:
             model.train(was_training)
         counts = [len(s) for s in torch.arange(n).tensor_split(self.dp_size)]  # every rank's share, known
         return data.map_tensors(lambda t: self._gather_rows(t, counts), local)
+
+    def _begin_step(self, batch: Any) -> tuple[int, int]:
+        """Check a training batch; (this replica's rows, the global batch's rows)."""
+        if self.loss_fn is None or self.optimizer is None:
+            raise ValueError("step needs loss_fn and optimizer: pass both to meshwise.parallelize")
+        data.unpack(batch)
+        self._check(batch)
+        local = data.batch_size_of(batch)
+        return local, self._global_size(batch, local)
+
+    def _predict_share(self, inputs: Any, batch_size: int | None) -> tuple[Any, int, torch.Tensor]:
+        """(dataset, its length, this replica's contiguous row indices) for predict."""
+        dataset = data.as_dataset(inputs)
+        n = len(dataset)
+        if n == 0:
+            raise ValueError("predict got no inputs (length 0)")
+        if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
+            raise ValueError(f"batch_size={batch_size!r} is invalid: use an integer >= 1 or None")
+        return dataset, n, data.share(torch.arange(n), self.dp_rank, self.dp_size)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's state dict (CPU copies) on rank 0, None elsewhere; loads into the unwrapped model."""

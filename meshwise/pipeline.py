@@ -302,12 +302,7 @@ class PipelineEngine(Engine):
 
         Returns the global mean loss over the whole global batch, the same on every rank.
         """
-        if self.loss_fn is None or self.optimizer is None:
-            raise ValueError("step needs loss_fn and optimizer: pass both to meshwise.parallelize")
-        data.unpack(batch)
-        self._check(batch)
-        local = data.batch_size_of(batch)
-        self._total = self._global_size(batch, local)
+        local, self._total = self._begin_step(batch)
         loss_sum = torch.zeros((), device=self.device)
         if self.recorder is not None:
             self.recorder.begin_step(self.steps)
@@ -321,8 +316,6 @@ class PipelineEngine(Engine):
             schedule.step(*args, target=targets, losses=losses, return_outputs=False)
             if self.holds_last:
                 loss_sum = torch.stack([x.detach() for x in losses]).sum()
-        if self.recorder is not None:
-            self.recorder.end_step()
         # last stages hold their replica's share of the mean, others 0; asynchronous, so a stage
         # that finished early steps its optimizer while the first stage finishes its backward
         # (waiting first cost 10% of a step in bench/pp.py)
@@ -355,13 +348,7 @@ class PipelineEngine(Engine):
         A collective. Each replica runs a contiguous slice through its pipeline in eval
         mode, ``batch_size`` rows at a time; the last stages' outputs are gathered.
         """
-        dataset = data.as_dataset(inputs)
-        n = len(dataset)
-        if n == 0:
-            raise ValueError("predict got no inputs (length 0)")
-        if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
-            raise ValueError(f"batch_size={batch_size!r} is invalid: use an integer >= 1 or None")
-        mine = data.share(torch.arange(n), self.dp_rank, self.dp_size)
+        dataset, _, mine = self._predict_share(inputs, batch_size)
         modes = {s: m.training for s, m in self.stage_modules.items()}
         for module in self.stage_modules.values():
             module.eval()

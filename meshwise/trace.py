@@ -37,9 +37,6 @@ class Recorder:
         self.step = step
         self.events = [e for e in self.events if e["step"] > step - self.keep]
 
-    def end_step(self) -> None:
-        pass
-
     @contextmanager
     def span(self, kind: str, stage: int, microbatch: int) -> Iterator[None]:
         start = time.time()
