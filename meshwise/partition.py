@@ -146,6 +146,8 @@ def balance(costs: Sequence[float], stages: int, *, memory: Sequence[int] | None
 
 def chain_layers(model: torch.nn.Module, inputs: Any) -> list[tuple[str, torch.nn.Module]]:
     """The model's layers in call order, checked to form a chain on ``inputs``."""
+    from meshwise.split import _candidates
+
     candidates = _candidates(model)
     if len(candidates) < 2:
         raise ValueError(
@@ -190,21 +192,11 @@ def chain_layers(model: torch.nn.Module, inputs: Any) -> list[tuple[str, torch.n
     return [(name, by_name[name]) for name in order]
 
 
-def _candidates(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    out = []
-    for name, child in model.named_children():
-        if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)):
-            out += [(f"{name}.{sub}", m) for sub, m in child.named_children()]
-        else:
-            out.append((name, child))
-    return out
-
-
-def measure(layers: Sequence[tuple[str, torch.nn.Module]], layer_args: dict[str, tuple[Any, ...]],
+def measure(layers: Sequence[tuple[str, torch.nn.Module]], layer_args: dict[str, tuple[tuple[Any, ...], dict[str, Any]]],
             output_bytes: Sequence[int], *, repeats: int = 5) -> list[Layer]:
     """Time and size each layer on the inputs it received from the sample (forward + backward).
 
-    ``layer_args[name]`` are the layer's positional inputs as the model called it;
+    ``layer_args[name]`` are the layer's (positional, keyword) inputs as the model called it;
     ``output_bytes[i]`` is what a cut after layer i sends to the next stage.
     """
     costs = []
@@ -214,8 +206,9 @@ def measure(layers: Sequence[tuple[str, torch.nn.Module]], layer_args: dict[str,
         times = []
         saved = 0
         for r in range(repeats + 1):
-            args = tuple(a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
-                         for a in layer_args[name])
+            fresh = lambda a: a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a  # noqa: E731
+            args = tuple(fresh(a) for a in layer_args[name][0])
+            kwargs = {k: fresh(v) for k, v in layer_args[name][1].items()}
             stored: list[int] = []
 
             def pack(t: torch.Tensor) -> torch.Tensor:
@@ -225,7 +218,7 @@ def measure(layers: Sequence[tuple[str, torch.nn.Module]], layer_args: dict[str,
 
             start = time.perf_counter()
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                out = module(*args)
+                out = module(*args, **kwargs)
             outs = [t for t in _tensors(out) if t.requires_grad]
             if outs:
                 torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
@@ -267,17 +260,29 @@ def split_model(model: torch.nn.Module, inputs: Any) -> Any:
                          f"{error}; pass sample=(x, y) with x as the model takes it") from error
     try:
         return split.GraphSplit(model, args)
+    except torch.fx.proxy.TraceError as error:
+        traced: Exception = error
     except ValueError:
         raise
-    except Exception as traced:  # fx could not trace forward: a chain of children still splits
-        try:
-            return split.ChainSplit(model, chain_layers(model, inputs), inputs)
-        except ValueError as chained:
-            raise ValueError(
-                f"{type(model).__name__} cannot be cut into pipeline stages: torch.fx could not trace its "
-                f"forward ({type(traced).__name__}: {str(traced).splitlines()[0] if str(traced) else ''}) and "
-                f"{chained}"
-            ) from None
+    except Exception as error:
+        traced = error
+    # fx could not trace forward: a chain of children still splits
+    try:
+        return split.ChainSplit(model, chain_layers(model, inputs), inputs)
+    except ValueError as chained:
+        raise ValueError(
+            f"{type(model).__name__} cannot be cut into pipeline stages: torch.fx could not trace its forward "
+            f"({type(traced).__name__}: {str(traced).splitlines()[0] if str(traced) else ''}, at "
+            f"{_where(traced)}), and {chained}"
+        ) from None
+
+
+def _where(error: Exception) -> str:
+    """file:line of the innermost frame outside torch: the model code tracing stopped at."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if "/torch/" not in f.filename]
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "an unknown place"
 
 
 def partition(model: torch.nn.Module, sample: Any, stages: int, *, memory_limit: int | None = None) -> Partition:

@@ -349,6 +349,12 @@ class PipelineEngine(Engine):
         mode, ``batch_size`` rows at a time; the last stages' outputs are gathered.
         """
         dataset, _, mine = self._predict_share(inputs, batch_size)
+        if self.dp_size > 1:  # e.g. batch-norm statistics, which replicas update apart: replica 0's
+            src = dist.get_global_rank(self.dp_group, 0)
+            for s in self.local_stages:
+                for buffer in self.stage_modules[s].buffers():
+                    dist.broadcast(torch.view_as_real(buffer) if buffer.is_complex() else buffer, src,
+                                   group=self.dp_group)
         modes = {s: m.training for s, m in self.stage_modules.items()}
         for module in self.stage_modules.values():
             module.eval()

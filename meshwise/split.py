@@ -21,6 +21,7 @@ trace fall back to a checked chain of children (see ``partition.chain_layers``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,13 +41,20 @@ class GraphSplit:
     """A traced model and its layers, ready to cut into stage modules."""
 
     def __init__(self, model: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
+        if any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
+            raise ValueError(
+                f"{type(model).__name__} is a Hugging Face transformers model, which meshwise cannot cut into "
+                f"pipeline stages yet: their forward builds attention masks by branching on tensor values and "
+                f"keeps state that tracing would disturb; use data parallelism for it, or a plain PyTorch model"
+            )
         self.model = model
         self.layers = _candidates(model)
         leaves = {module for _, module in self.layers}
-        tracer = _LeafTracer(leaves)
-        graph = tracer.trace(model)
+        tracer = _LeafTracer(leaves, model)
+        self.root = _root(model, len(inputs))
+        graph = tracer.trace(self.root)
         self.graph = graph
-        self.gm = fx.GraphModule(model, graph)
+        self.gm = fx.GraphModule(self.root, graph)
         calls = [n for n in graph.nodes if n.op == "call_module"]
         names = [str(n.target) for n in calls]
         twice = sorted({n for n in names if names.count(n) > 1})
@@ -61,10 +69,10 @@ class GraphSplit:
         self.order = {n: i for i, n in enumerate(graph.nodes)}
         self.crossings = [self._crossing(i) for i in range(len(self.layers) + 1)]
 
-    def _args_of(self, node: fx.Node) -> tuple[Any, ...]:
-        if node.kwargs:
-            raise ValueError(f"layer {node.target} is called with keyword arguments; stages pass positional tensors only")
-        return tuple(self.values[a] if isinstance(a, fx.Node) else a for a in node.args)
+    def _args_of(self, node: fx.Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The layer's positional and keyword inputs on the sample."""
+        value = lambda a: self.values[a] if isinstance(a, fx.Node) else a  # noqa: E731
+        return tuple(fx.node.map_arg(node.args, value)), dict(fx.node.map_arg(node.kwargs, value))
 
     def layer_stage(self, bounds: list[tuple[int, int]]) -> list[int]:
         out = []
@@ -145,28 +153,80 @@ class GraphSplit:
                 outs = [env[x] for x in carried[s]]
                 graph.output(outs[0] if len(outs) == 1 else tuple(outs))
             graph.lint()
-            modules.append(fx.GraphModule(self.model, graph, class_name=f"Stage{s}"))
+            modules.append(fx.GraphModule(self.root, graph, class_name=f"Stage{s}"))
         return modules
 
 
 class _LeafTracer(fx.Tracer):
-    def __init__(self, leaves: set[torch.nn.Module]) -> None:
+    """Traces the model's forward through a positional-only root (see ``_root``), keeping
+    its layers as calls to the modules."""
+
+    def __init__(self, leaves: set[torch.nn.Module], model: torch.nn.Module) -> None:
         super().__init__()
         self.leaves = leaves
+        self.model = model
+        self.constants = 0
+
+    def create_arg(self, a: Any) -> Any:
+        if dataclasses.is_dataclass(a) and not isinstance(a, type):  # fx would rebuild it on every call
+            return self._constant(a)
+        try:
+            return super().create_arg(a)
+        except NotImplementedError:  # a plain object (a config): kept by reference on the root
+            return self._constant(a)
+
+    def _constant(self, a: Any) -> Any:
+        name = f"_meshwise_constant_{self.constants}"
+        self.constants += 1
+        self.root.__dict__[name] = a
+        return self.create_node("get_attr", name, (), {})
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         return m in self.leaves or super().is_leaf_module(m, module_qualified_name)
 
+    def path_of_module(self, mod: torch.nn.Module) -> str:
+        return "" if mod is self.model else super().path_of_module(mod)
 
-def _candidates(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The splittable layers: children, with ModuleList/Sequential children opened one level."""
+
+def _root(model: torch.nn.Module, arity: int) -> torch.nn.Module:
+    """A module that calls ``model`` with ``arity`` positional inputs and shares its children,
+    so names resolve as in ``model``. fx cannot trace a root ``forward`` with ``**kwargs`` or
+    behind a decorator, as Hugging Face models have; it traces into them from here."""
+    names = ", ".join(f"x{i}" for i in range(arity))
+    scope: dict[str, Any] = {}
+    exec(f"def forward(self, {names}):\n    return self.__dict__['_meshwise_model']({names})\n", scope)
+    root = torch.nn.Module()
+    root.__dict__["_meshwise_model"] = model
+    root._modules = model._modules  # the same children: "blocks.0" means the same module
+    type_ = type("TracedRoot", (torch.nn.Module,), {"forward": scope["forward"]})
+    root.__class__ = type_
+    return root
+
+
+def _candidates(model: torch.nn.Module, prefix: str = "") -> list[tuple[str, torch.nn.Module]]:
+    """The splittable layers: children, with ModuleList/Sequential children opened one
+    level, and a backbone child that holds a ModuleList of blocks (``transformer.h``,
+    ``bert.encoder.layer``) opened into its own layers."""
     out = []
     for name, child in model.named_children():
+        full = f"{prefix}{name}"
         if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)) and len(child):
-            out += [(f"{name}.{sub}", m) for sub, m in child.named_children()]
+            out += [(f"{full}.{sub}", m) for sub, m in child.named_children()]
+        elif _holds_blocks(child):
+            out += _candidates(child, f"{full}.")
         else:
-            out.append((name, child))
+            out.append((full, child))
     return out
+
+
+def _holds_blocks(module: torch.nn.Module) -> bool:
+    """A child or grandchild is a ModuleList of two or more blocks."""
+    for child in module.children():
+        if isinstance(child, torch.nn.ModuleList) and len(child) >= 2:
+            return True
+        if any(isinstance(g, torch.nn.ModuleList) and len(g) >= 2 for g in child.children()):
+            return True
+    return False
 
 
 def _run(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> dict[fx.Node, Any]:
@@ -190,13 +250,13 @@ class ChainSplit:
     def __init__(self, model: torch.nn.Module, layers: list[tuple[str, torch.nn.Module]], inputs: Any) -> None:
         self.model = model
         self.layers = layers
-        self.layer_args: dict[str, tuple[Any, ...]] = {}
+        self.layer_args: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         x = inputs
         with torch.no_grad():
             for name, module in layers:
-                self.layer_args[name] = (x,)
+                self.layer_args[name] = ((x,), {})
                 x = module(x)
-        outs = [self.layer_args[name][0] for name, _ in layers[1:]] + [x]
+        outs = [self.layer_args[name][0][0] for name, _ in layers[1:]] + [x]
         self.crossings = [_Crossing([], True, "", 0)] + [
             _Crossing([], isinstance(o, torch.Tensor), f"{name} returns a Python {type(o).__name__}; only tensors pass between stages",
                       o.numel() * o.element_size() if isinstance(o, torch.Tensor) else 0)

@@ -113,7 +113,7 @@ def test_partition_rejects_more_stages_than_layers_naming_them() -> None:
 def test_measure_counts_saved_activations_not_parameters() -> None:
     lin, relu = torch.nn.Linear(64, 32), torch.nn.ReLU()
     x = torch.randn(16, 64)
-    args = {"lin": (x,), "relu": (lin(x).detach(),)}
+    args = {"lin": ((x,), {}), "relu": ((lin(x).detach(),), {})}
     layers = measure([("lin", lin), ("relu", relu)], args, [16 * 32 * 4, 0], repeats=1)
     assert layers[0].activation_bytes == 16 * 64 * 4  # the input, not the weight or its transpose
     assert layers[1].activation_bytes == 16 * 32 * 4  # ReLU saves its output
@@ -177,3 +177,46 @@ def test_cuts_are_only_where_tensors_cross() -> None:
 def test_a_sample_that_does_not_run_through_the_model_says_so() -> None:
     with pytest.raises(ValueError, match="sample does not run through Sequential.*mat1 and mat2"):
         mw.partition(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)), (torch.randn(2, 5), None), 2)
+
+
+class Backbone(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 8)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, idx, scale=None):
+        h = self.embed(idx)
+        for layer in self.layers:
+            h = torch.tanh(layer(h)) * scale
+        return h
+
+
+class Head(torch.nn.Module):
+    def forward(self, h, *, bias):
+        return h.sum(-1) + bias
+
+
+class WithBackbone(torch.nn.Module):
+    """The Hugging Face shape in plain PyTorch: a backbone child holding the blocks, a head
+    called with a keyword argument, a mask-like value made in forward and read by every block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = Backbone()
+        self.head = Head()
+
+    def forward(self, idx):
+        scale = (idx >= 0).float()[..., None]
+        return self.head(self.backbone(idx, scale=scale), bias=torch.ones(()))
+
+
+def test_a_backbone_child_is_opened_and_keyword_inputs_cross_stages() -> None:
+    torch.manual_seed(0)
+    model, idx = WithBackbone(), torch.randint(0, 10, (3, 5))
+    part = mw.partition(model, (idx, None), stages=3)
+    assert [layer.name for layer in part.layers] == [
+        "backbone.embed", "backbone.layers.0", "backbone.layers.1", "backbone.layers.2", "head"]
+    assert torch.equal(run_stages(part, idx), model(idx))
+    other = torch.randint(0, 10, (6, 5))
+    assert torch.equal(run_stages(part, other), model(other))
