@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
@@ -114,6 +115,8 @@ class PipelineEngine(Engine):
         self.dp_size = plan.dp
         self.partition = self._partition(model, sample, stages)
         modules = self.partition.stage_modules()
+        self._output_spec: Any = None
+        modules[-1].forward = self._flat_output(modules[-1].forward)  # state dict and names unchanged
         self.all_stage_modules = modules
         self.local_stages = [self.pp_rank + k * plan.pp for k in range(self.virtual)]
         self.stage_modules = {s: modules[s].to(self.device) for s in self.local_stages}
@@ -294,8 +297,23 @@ class PipelineEngine(Engine):
                 return m
         return 1
 
+    def _flat_output(self, forward: Any) -> Any:
+        """The last stage returns its output's tensors as a flat tuple (torch's stages pass
+        tensors); ``_structured`` gives the loss and predict the model's own structure back
+        (a dict, a Hugging Face ModelOutput)."""
+
+        def flat(*args: Any, **kwargs: Any) -> Any:
+            leaves, self._output_spec = tree_flatten(forward(*args, **kwargs))
+            return leaves[0] if len(leaves) == 1 else tuple(leaves)
+
+        return flat
+
+    def _structured(self, output: Any) -> Any:
+        leaves = list(output) if isinstance(output, (tuple, list)) else [output]
+        return tree_unflatten(leaves, self._output_spec)
+
     def _weighted_loss(self, output: Any, target: Any) -> torch.Tensor:
-        return self._loss(output, target) * (data.batch_size_of(target) / self._total)
+        return self._loss(self._structured(output), target) * (data.batch_size_of(target) / self._total)
 
     def step(self, batch: Any) -> float:
         """One pipelined forward/backward over this replica's share, gradient sync and optimizer step.
@@ -371,7 +389,7 @@ class PipelineEngine(Engine):
                 _, schedule = self._runner(rows // m, m, False, args)
                 out = schedule.step(*args)
                 if self.holds_last:
-                    outs.append(data.map_tensors(lambda t: t.detach().cpu(), out))
+                    outs.append(data.map_tensors(lambda t: t.detach().cpu(), self._structured(out)))
         finally:
             for s, module in self.stage_modules.items():
                 module.train(modes[s])

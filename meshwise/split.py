@@ -22,6 +22,9 @@ trace fall back to a checked chain of children (see ``partition.chain_layers``).
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import operator
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,18 +44,20 @@ class GraphSplit:
     """A traced model and its layers, ready to cut into stage modules."""
 
     def __init__(self, model: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
-        if any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
-            raise ValueError(
-                f"{type(model).__name__} is a Hugging Face transformers model, which meshwise cannot cut into "
-                f"pipeline stages yet: their forward builds attention masks by branching on tensor values and "
-                f"keeps state that tracing would disturb; use data parallelism for it, or a plain PyTorch model"
-            )
         self.model = model
         self.layers = _candidates(model)
         leaves = {module for _, module in self.layers}
         tracer = _LeafTracer(leaves, model)
         self.root = _root(model, len(inputs))
-        graph = tracer.trace(self.root)
+        config = getattr(model, "config", None)
+        cache = getattr(config, "use_cache", None)
+        if cache is True:  # a generation cache (Hugging Face models) has no place in training
+            config.use_cache = False
+        try:
+            graph = tracer.trace(self.root)
+        finally:
+            if cache is True:
+                config.use_cache = True
         self.graph = graph
         self.gm = fx.GraphModule(self.root, graph)
         calls = [n for n in graph.nodes if n.op == "call_module"]
@@ -66,7 +71,6 @@ class GraphSplit:
         self.index = {name: i for i, (name, _) in enumerate(self.layers)}
         self.values = _run(self.gm, inputs)  # node -> value on the sample
         self.layer_args = {str(n.target): self._args_of(n) for n in calls}
-        self.order = {n: i for i, n in enumerate(graph.nodes)}
         self.crossings = [self._crossing(i) for i in range(len(self.layers) + 1)]
 
     def _args_of(self, node: fx.Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -80,8 +84,18 @@ class GraphSplit:
             out += [s] * (b - a)
         return out
 
-    def _assign(self, stage_of_layer: list[int]) -> dict[fx.Node, int]:
-        """Stage of every node: layers by the cut, others at the latest stage of their inputs
+    def _is_meta(self, node: fx.Node) -> bool:
+        """A value computed from shapes (an int, a torch.Size): recomputed on each stage that
+        reads it, from the tensors it came from, never sent."""
+        if node.op in ("placeholder", "call_module", "output", "get_attr"):
+            return False
+        value = self.values.get(node)
+        return not _sendable(value) and not _bakeable(value)
+
+    def _plan(self, stage_of_layer: list[int]) -> tuple[dict[fx.Node, int], list[list[fx.Node]], list[set[fx.Node]]]:
+        """(stage of every node, values carried past each cut, shape values each stage recomputes).
+
+        Layers go where the cut puts them; other nodes at the latest stage of their inputs
         (a node with no inputs, such as a constant or a weight, at its first user's stage)."""
         stage: dict[fx.Node, int] = {}
         for node in self.graph.nodes:
@@ -99,22 +113,41 @@ class GraphSplit:
             if node not in stage:
                 users = [stage[u] for u in node.users if u in stage]
                 stage[node] = min(users) if users else 0
-        return stage
+        stages = max(stage_of_layer) + 1
+        # what each stage reads: its nodes' inputs, looking through shape values to their sources
+        reads: list[set[fx.Node]] = [set() for _ in range(stages)]
+        metas: list[set[fx.Node]] = [set() for _ in range(stages)]
+        for node in self.graph.nodes:
+            if self._is_meta(node) or node.op == "get_attr":
+                continue
+            todo = list(node.all_input_nodes)
+            while todo:
+                a = todo.pop()
+                if self._is_meta(a):
+                    if a not in metas[stage[node]]:
+                        metas[stage[node]].add(a)
+                        todo += a.all_input_nodes
+                elif a.op != "get_attr":
+                    reads[stage[node]].add(a)
+        carried = [[x for x in self.graph.nodes if x in set().union(*reads[s + 1:]) and stage[x] <= s
+                    and not self._is_meta(x)] for s in range(stages - 1)]
+        return stage, carried, metas
 
     def _crossing(self, cut: int) -> _Crossing:
         """What a cut before layer ``cut`` sends forward (cut 0 and cut L send nothing)."""
         n = len(self.layers)
         if cut in (0, n):
             return _Crossing([], True, "", 0)
-        stage = self._assign([0] * cut + [1] * (n - cut))
-        nodes = [x for x in self.graph.nodes if stage[x] == 0 and x.op != "get_attr"
-                 and any(stage[u] == 1 for u in x.users)]
-        for x in nodes:
+        _, carried, _ = self._plan([0] * cut + [1] * (n - cut))
+        sent = 0
+        for x in carried[0]:
             value = self.values.get(x)
-            if not isinstance(value, torch.Tensor):
-                return _Crossing(nodes, False, f"value {x.name} is a Python {type(value).__name__}; only tensors "
-                                 f"pass between stages", 0)
-        return _Crossing(nodes, True, "", sum(self.values[x].numel() * self.values[x].element_size() for x in nodes))
+            if _sendable(value):
+                sent += sum(t.numel() * t.element_size() for t in _flat(value))
+            elif not _bakeable(value):
+                return _Crossing(carried[0], False, f"value {x.name} is a Python {type(value).__name__}; only "
+                                 f"tensors (or tuples of them, or constants such as None) pass between stages", 0)
+        return _Crossing(carried[0], True, "", sent)
 
     def allowed_cuts(self) -> set[int]:
         return {i for i, c in enumerate(self.crossings) if c.ok}
@@ -122,53 +155,94 @@ class GraphSplit:
     def stage_modules(self, bounds: list[tuple[int, int]]) -> list[torch.nn.Module]:
         """One module per stage: stage s takes stage s-1's outputs (the model's inputs for
         s = 0) and returns what later stages read (the model's output for the last)."""
-        stage_of_layer = self.layer_stage(bounds)
-        stage = self._assign(stage_of_layer)
+        stage, carried, metas = self._plan(self.layer_stage(bounds))
         last = len(bounds) - 1
-        # carried[s]: values made at a stage <= s and read at a stage > s, in graph order
-        carried: list[list[fx.Node]] = []
-        for s in range(last):
-            carried.append([x for x in self.graph.nodes if x.op != "get_attr" and stage[x] <= s
-                            and any(stage[u] > s for u in x.users)])
         modules = []
         for s in range(last + 1):
             graph = fx.Graph()
-            env: dict[fx.Node, fx.Node] = {}
-            incoming = [x for x in self.graph.nodes if x.op == "placeholder"] if s == 0 else carried[s - 1]
-            for x in incoming:
-                env[x] = graph.placeholder(x.name if x.op == "placeholder" else f"in_{x.name}")
+            env: dict[fx.Node, Any] = {}
+            if s == 0:
+                for x in self.graph.nodes:
+                    if x.op == "placeholder":
+                        env[x] = graph.placeholder(x.name)
+            else:  # tensors arrive flat; a tuple of them is rebuilt, a constant baked in
+                for x in carried[s - 1]:
+                    value = self.values[x]
+                    if not _sendable(value):
+                        env[x] = value
+                    elif isinstance(value, torch.Tensor):
+                        env[x] = graph.placeholder(f"in_{x.name}")
+                    else:
+                        env[x] = type(value)(graph.placeholder(f"in_{x.name}_{i}") for i in range(len(value)))
             for x in self.graph.nodes:
-                if x.op == "placeholder" or x.op == "output":
+                if x.op in ("placeholder", "output") or x in env:
                     continue
                 if x.op == "get_attr":
-                    if any(stage[u] == s for u in x.users):
+                    if any(stage[u] == s or u in metas[s] for u in x.users):
                         env[x] = graph.node_copy(x, lambda a: env[a])
-                    continue
-                if stage[x] == s:
+                elif x in metas[s] or (stage[x] == s and not self._is_meta(x)):
                     env[x] = graph.node_copy(x, lambda a: env[a])
             if s == last:
                 out = next(x for x in self.graph.nodes if x.op == "output")
                 graph.node_copy(out, lambda a: env[a])
             else:
-                outs = [env[x] for x in carried[s]]
+                outs: list[Any] = []
+                for x in carried[s]:
+                    value = self.values[x]
+                    if isinstance(value, torch.Tensor):
+                        outs.append(env[x])
+                    elif _sendable(value):
+                        if isinstance(env[x], fx.Node):
+                            outs += [graph.call_function(operator.getitem, (env[x], i)) for i in range(len(value))]
+                        else:
+                            outs += list(env[x])
                 graph.output(outs[0] if len(outs) == 1 else tuple(outs))
             graph.lint()
             modules.append(fx.GraphModule(self.root, graph, class_name=f"Stage{s}"))
         return modules
 
 
+def _sendable(value: Any) -> bool:
+    """A tensor, or a tuple/list of tensors: what a stage can send."""
+    if isinstance(value, torch.Tensor):
+        return True
+    return isinstance(value, (tuple, list)) and bool(value) and all(isinstance(v, torch.Tensor) for v in value)
+
+
+def _flat(value: Any) -> list[torch.Tensor]:
+    return [value] if isinstance(value, torch.Tensor) else list(value)
+
+
+def _bakeable(value: Any) -> bool:
+    """A value that does not depend on the batch, safe to fix at what the sample gave:
+    None (e.g. an attention mask that is not needed), a device, a dtype, a flag, a name."""
+    return value is None or isinstance(value, (torch.device, torch.dtype, bool, str))
+
+
 class _LeafTracer(fx.Tracer):
     """Traces the model's forward through a positional-only root (see ``_root``), keeping
-    its layers as calls to the modules."""
+    its layers as calls to the modules.
+
+    Hugging Face models build attention masks with functions that branch on tensor
+    values (``transformers.masking_utils``); those run as opaque calls at run time,
+    wherever the model's forwards find them."""
 
     def __init__(self, leaves: set[torch.nn.Module], model: torch.nn.Module) -> None:
-        super().__init__()
+        masks = sys.modules.get("transformers.masking_utils")
+        opaque = tuple(v for k, v in vars(masks).items() if inspect.isfunction(v) and not k.startswith("_")
+                       and v.__module__ == masks.__name__) if masks else ()
+        super().__init__(autowrap_functions=opaque)
         self.leaves = leaves
         self.model = model
         self.constants = 0
+        if opaque:
+            homes = sorted({inspect.unwrap(type(m).forward).__module__ for m in model.modules()})
+            self._autowrap_search = [*self._autowrap_search, *(sys.modules[h] for h in homes if h in sys.modules)]
 
     def create_arg(self, a: Any) -> Any:
-        if dataclasses.is_dataclass(a) and not isinstance(a, type):  # fx would rebuild it on every call
+        # a dataclass of plain values (a model config) is kept as it is; fx would rebuild it on
+        # every call. One holding traced values (a model's output) is rebuilt, as fx does.
+        if dataclasses.is_dataclass(a) and not isinstance(a, type) and not _holds_proxy(a):
             return self._constant(a)
         try:
             return super().create_arg(a)
@@ -201,6 +275,11 @@ def _root(model: torch.nn.Module, arity: int) -> torch.nn.Module:
     type_ = type("TracedRoot", (torch.nn.Module,), {"forward": scope["forward"]})
     root.__class__ = type_
     return root
+
+
+def _holds_proxy(value: Any) -> bool:
+    return any(isinstance(leaf, fx.Proxy) for leaf in torch.utils._pytree.tree_leaves(
+        {f.name: getattr(value, f.name, None) for f in dataclasses.fields(value)}))
 
 
 def _candidates(model: torch.nn.Module, prefix: str = "") -> list[tuple[str, torch.nn.Module]]:

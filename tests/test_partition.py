@@ -154,7 +154,7 @@ def test_the_gpt_shape_splits_with_its_tied_embedding_on_both_ends() -> None:
 
 
 class SizeAcross(torch.nn.Module):
-    """A Python int (x.shape[1]) is read after the first layer: no cut may fall there."""
+    """A Python int (x.shape[1]) is read after the first layer: it is recomputed where it is read."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -164,14 +164,35 @@ class SizeAcross(torch.nn.Module):
         n = x.shape[1]
         h = self.a(x)
         h = self.b(h) * n
-        return self.c(h)
+        return self.c(h) * n
 
 
-def test_cuts_are_only_where_tensors_cross() -> None:
-    part = mw.partition(SizeAcross(), (torch.randn(2, 4), None), stages=2)
-    assert part.bounds == ((0, 2), (2, 3))  # not before b: the int n would have to cross
-    with pytest.raises(ValueError, match="can be cut at 1 places, too few for 3 stages; cuts are impossible before b.*Python int"):
-        mw.partition(SizeAcross(), (torch.randn(2, 4), None), stages=3)
+class Pair(torch.nn.Module):
+    def forward(self, x):
+        return {"h": x, "n": 2}
+
+
+class DictAcross(SizeAcross):
+    """Layer ``d`` returns a dict, which cannot be sent: no cut may fall right after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.d = Pair()
+
+    def forward(self, x):
+        out = self.d(self.a(x))
+        return self.c(self.b(out["h"]) * out["n"])
+
+
+def test_shape_values_are_recomputed_and_cuts_are_only_where_values_can_cross() -> None:
+    torch.manual_seed(0)
+    model, x = SizeAcross(), torch.randn(2, 4)
+    part = mw.partition(model, (x, None), stages=3)
+    assert part.bounds == ((0, 1), (1, 2), (2, 3))
+    assert torch.equal(run_stages(part, x), model(x))
+    with pytest.raises(ValueError, match="can be cut at 2 places, too few for 4 stages; cuts are impossible before b "
+                                         r"\(value d is a Python dict"):
+        mw.partition(DictAcross(), (x, None), stages=4)
 
 
 def test_a_sample_that_does_not_run_through_the_model_says_so() -> None:
