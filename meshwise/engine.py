@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from meshwise import data
+from meshwise import data, memory
 from meshwise import dist as mwdist
 from meshwise.plan import Plan, resolve_plan
 
@@ -74,8 +74,6 @@ def _reject_unavailable(plan: Plan) -> None:
     missing = [
         (plan.tp > 1, f"tp={plan.tp} (tensor parallelism)"),
         (plan.zero > 0, f"zero={plan.zero} (sharded data parallelism)"),
-        (plan.precision != "fp32", f"precision={plan.precision} (mixed precision)"),
-        (plan.checkpointing, "checkpointing=true (activation recomputation)"),
     ]
     named = [text for cond, text in missing if cond]
     if named:
@@ -108,6 +106,8 @@ class Engine:
         self.sample = sample
         self._sample_spec: Any = None
         self.steps = 0
+        if plan.checkpointing:
+            memory.checkpoint_blocks(model)
         self._replica = _Replica(model).to(self.device)  # in place: optimizers built on model stay valid
         self._ddp = DistributedDataParallel(
             self._replica,
@@ -184,7 +184,8 @@ class Engine:
             weight = size * self.dp_size / total
             last = i == len(parts) - 1
             with nullcontext() if last else self._ddp.no_sync():
-                loss = self._loss(data.call(self._ddp, inputs), targets)
+                with memory.autocast(self.device, self.plan.precision):
+                    loss = self._loss(data.call(self._ddp, inputs), targets)
                 objective = loss if weight == 1.0 else loss * weight
                 carried.append(loss.detach() * (size * self.dp_size))
                 if last:  # the loss sum rides along with the gradients' all-reduce (see _Replica)
@@ -256,7 +257,9 @@ class Engine:
         batch = data.fetch(dataset, indices)
         if isinstance(batch, (tuple, list)):  # (inputs, targets, ...): the inputs
             batch = batch[0]
-        return data.call(self.model, data.to_device(batch, self.device))
+        with memory.autocast(self.device, self.plan.precision):
+            out = data.call(self.model, data.to_device(batch, self.device))
+        return memory.full_precision(out)
 
     def _gather_rows(self, local: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """AllGather_dp(x[n_r, ...]) -> x[sum n_r, ...], in rank order, for uneven n_r = counts[r]."""

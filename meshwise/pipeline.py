@@ -40,7 +40,7 @@ from torch.distributed.pipelining import (
     ScheduleLoopedBFS,
 )
 
-from meshwise import data
+from meshwise import data, memory
 from meshwise import dist as mwdist
 from meshwise.engine import Engine, LossFn, OptimizerArg, _build_optimizer
 from meshwise.partition import Partition, split_model
@@ -113,8 +113,12 @@ class PipelineEngine(Engine):
         self.dp_rank = mesh.get_local_rank("dp")
         self.pp_rank = mesh.get_local_rank("pp")
         self.dp_size = plan.dp
+        if plan.checkpointing:
+            memory.checkpoint_blocks(model)
         self.partition = self._partition(model, sample, stages)
         modules = self.partition.stage_modules()
+        for module in modules:
+            memory.autocast_forward(module, self.device, plan.precision)
         self._output_spec: Any = None
         modules[-1].forward = self._flat_output(modules[-1].forward)  # state dict and names unchanged
         self.all_stage_modules = modules
@@ -313,7 +317,9 @@ class PipelineEngine(Engine):
         return tree_unflatten(leaves, self._output_spec)
 
     def _weighted_loss(self, output: Any, target: Any) -> torch.Tensor:
-        return self._loss(self._structured(output), target) * (data.batch_size_of(target) / self._total)
+        with memory.autocast(self.device, self.plan.precision):
+            loss = self._loss(self._structured(output), target)
+        return loss * (data.batch_size_of(target) / self._total)
 
     def step(self, batch: Any) -> float:
         """One pipelined forward/backward over this replica's share, gradient sync and optimizer step.
@@ -389,7 +395,7 @@ class PipelineEngine(Engine):
                 _, schedule = self._runner(rows // m, m, False, args)
                 out = schedule.step(*args)
                 if self.holds_last:
-                    outs.append(data.map_tensors(lambda t: t.detach().cpu(), self._structured(out)))
+                    outs.append(data.map_tensors(lambda t: t.detach().cpu(), memory.full_precision(self._structured(out))))
         finally:
             for s, module in self.stage_modules.items():
                 module.train(modes[s])

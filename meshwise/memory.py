@@ -1,0 +1,106 @@
+"""Memory savers that are plan options: bf16 autocast and per-block activation recomputation.
+
+* ``precision=bf16``: forward passes (and the loss) run under ``torch.autocast`` with
+  bfloat16; parameters, their gradients, the gradient all-reduce and the optimizer stay
+  fp32 (the parameters are the fp32 master weights autocast casts from).
+* ``checkpointing=true``: each block (the layers a pipeline would cut between: the
+  model's children, and the items of a ModuleList or Sequential child) keeps only its
+  inputs in the forward pass and recomputes its activations in the backward pass
+  (``torch.utils.checkpoint``, non-reentrant). Parameter names do not change.
+"""
+
+from __future__ import annotations
+
+import functools
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def autocast(device: torch.device, precision: str) -> AbstractContextManager[Any]:
+    """The forward-pass context for ``precision``: bf16 autocast, or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def full_precision(value: Any) -> Any:
+    """Outputs computed under bf16 autocast, back in fp32 (other dtypes untouched)."""
+    from meshwise import data
+
+    return data.map_tensors(lambda t: t.float() if t.dtype in (torch.bfloat16, torch.float16) else t, value)
+
+
+def autocast_forward(module: torch.nn.Module, device: torch.device, precision: str) -> None:
+    """Run ``module``'s forward under ``autocast(device, precision)`` (in place, names unchanged)."""
+    if precision == "fp32":
+        return
+    forward = module.forward
+
+    @functools.wraps(forward)
+    def cast(*args: Any, **kwargs: Any) -> Any:
+        with autocast(device, precision):
+            return forward(*args, **kwargs)
+
+    module.forward = cast
+
+
+def checkpoint_blocks(model: torch.nn.Module) -> list[str]:
+    """Make every block of ``model`` recompute its activations in backward; their names.
+
+    The blocks' own ``forward`` is wrapped in place (once), so the model, its parameter
+    names and a pipeline's stages, which call the same modules, all recompute.
+    """
+    from meshwise.split import _candidates
+
+    names = []
+    for name, block in _candidates(model):
+        if getattr(block.forward, "_meshwise_checkpointed", False):
+            names.append(name)
+            continue
+        if not any(p.requires_grad for p in block.parameters()):
+            continue  # nothing to recompute for: activations of a weightless layer are its neighbours'
+        forward = block.forward
+
+        @functools.wraps(forward)
+        def recomputed(*args: Any, _forward: Any = forward, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        recomputed._meshwise_checkpointed = True  # type: ignore[attr-defined]
+        block.forward = recomputed
+        names.append(name)
+    return names
+
+
+def saved_activation_bytes(model: torch.nn.Module, inputs: Any) -> int:
+    """Bytes one forward pass of ``model`` on ``inputs`` keeps for backward, parameters excluded
+    (counted with saved-tensor hooks, as the partitioner does)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        if t.untyped_storage().data_ptr() not in params:
+            total += t.numel() * t.element_size()
+        return t
+
+    def kept_inputs(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        nonlocal total  # a recomputing block keeps its inputs instead of its activations
+        for t in [*args, *kwargs.values()]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in params:
+                total += t.numel() * t.element_size()
+
+    hooks = [m.register_forward_pre_hook(kept_inputs, with_kwargs=True) for m in model.modules()
+             if getattr(m.forward, "_meshwise_checkpointed", False)]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    del out
+    return total
