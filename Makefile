@@ -29,6 +29,7 @@ test: $(VENV)/.test
 bench: $(VENV)/.test
 	$(BIN)/python bench/dp.py
 	$(BIN)/python bench/pp.py
+	$(BIN)/python bench/zero.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -67,19 +67,24 @@ def parallelize(
 
         return PipelineEngine(model, plan, ctx, loss_fn=loss_fn, optimizer=optimizer, sample=sample, trace=trace,
                               stages=stages)
+    if plan.zero >= 2:
+        from meshwise.zero import ShardedEngine
+
+        return ShardedEngine(model, plan, ctx, loss_fn=loss_fn, optimizer=optimizer, sample=sample)
     return Engine(model, plan, ctx, loss_fn=loss_fn, optimizer=optimizer, sample=sample)
 
 
 def _reject_unavailable(plan: Plan) -> None:
     missing = [
         (plan.tp > 1, f"tp={plan.tp} (tensor parallelism)"),
-        (plan.zero > 0, f"zero={plan.zero} (sharded data parallelism)"),
+        (plan.zero > 0 and plan.pp > 1, f"zero={plan.zero} with pp={plan.pp} (sharded data parallelism in a pipeline)"),
     ]
     named = [text for cond, text in missing if cond]
     if named:
         raise NotImplementedError(
             f"plan {plan} asks for {', '.join(named)}, not available yet in this version of "
-            f"meshwise; data and pipeline parallelism are: use a plan such as dp={plan.dp},pp={plan.pp}"
+            f"meshwise; data and pipeline parallelism and ZeRO over dp are: use a plan such as "
+            f"dp={plan.dp * plan.tp},pp={plan.pp}"
         )
 
 
@@ -96,16 +101,9 @@ class Engine:
         optimizer: OptimizerArg | None,
         sample: Any,
     ) -> None:
-        self.plan = plan
-        self.microbatches: int = plan.resolved().microbatches  # type: ignore[assignment]
-        self.ctx = ctx
-        self.device = ctx.device
+        self._init_common(plan, ctx, loss_fn, sample)
         self.dp_rank, self.dp_size = ctx.rank, plan.dp
         self.dp_group = dist.group.WORLD
-        self.loss_fn = loss_fn
-        self.sample = sample
-        self._sample_spec: Any = None
-        self.steps = 0
         if plan.checkpointing:
             memory.checkpoint_blocks(model)
         self._replica = _Replica(model).to(self.device)  # in place: optimizers built on model stay valid
@@ -115,6 +113,21 @@ class Engine:
             process_group=self.dp_group,
         )
         self.optimizer = _build_optimizer(optimizer, model)
+        if plan.zero == 1 and self.optimizer is not None:  # optimizer state sharded; DDP as before
+            from meshwise.zero import shard_optimizer
+
+            self.optimizer = shard_optimizer(self.optimizer, model, self.dp_group)
+
+    def _init_common(self, plan: Plan, ctx: mwdist.Context, loss_fn: LossFn | None, sample: Any) -> None:
+        self.plan = plan
+        self.microbatches: int = plan.resolved().microbatches  # type: ignore[assignment]
+        self.ctx = ctx
+        self.device = ctx.device
+        self.loss_fn = loss_fn
+        self.sample = sample
+        self._sample_spec: Any = None
+        self.steps = 0
+        self._grad_bytes = 0
 
     @property
     def model(self) -> torch.nn.Module:
@@ -191,6 +204,7 @@ class Engine:
                 if last:  # the loss sum rides along with the gradients' all-reduce (see _Replica)
                     objective = self._replica.carry(objective, carried[0] if len(carried) == 1 else sum(carried))
                 objective.backward()
+        self._grad_bytes = memory.grad_bytes(self.model)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = self._replica.take()
@@ -213,16 +227,18 @@ class Engine:
                 dist.broadcast(torch.view_as_real(buffer) if buffer.is_complex() else buffer, 0, group=self.dp_group)
         was_training = model.training
         model.eval()
+        counts = [len(s) for s in torch.arange(n).tensor_split(self.dp_size)]  # every rank's share, known
         try:
-            if len(mine):
-                outs = [self._forward_inputs(dataset, chunk) for chunk in mine.split(batch_size or len(mine))]
-                local = data.concat(outs)
-            else:  # fewer rows than replicas: run one placeholder row for the output's shape
-                local = data.map_tensors(lambda t: t[:0], self._forward_inputs(dataset, torch.arange(1)))
+            local = self._predict_local(dataset, mine, batch_size, counts)
         finally:
             model.train(was_training)
-        counts = [len(s) for s in torch.arange(n).tensor_split(self.dp_size)]  # every rank's share, known
         return data.map_tensors(lambda t: self._gather_rows(t, counts), local)
+
+    def _predict_local(self, dataset: Any, mine: torch.Tensor, batch_size: int | None, counts: list[int]) -> Any:
+        if len(mine):
+            return data.concat([self._forward_inputs(dataset, chunk) for chunk in mine.split(batch_size or len(mine))])
+        # fewer rows than replicas: run one placeholder row for the output's shape
+        return data.map_tensors(lambda t: t[:0], self._forward_inputs(dataset, torch.arange(1)))
 
     def _begin_step(self, batch: Any) -> tuple[int, int]:
         """Check a training batch; (this replica's rows, the global batch's rows)."""
@@ -248,6 +264,12 @@ class Engine:
         if not self.is_main:
             return None
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def state_bytes(self) -> dict[str, int]:
+        """This rank's model-state bytes: parameters, gradients (as held at the end of the
+        last step's backward) and optimizer state, measured on the tensors themselves."""
+        return {"parameters": memory.param_bytes(self.model), "gradients": self._grad_bytes,
+                "optimizer": memory.optimizer_bytes(self.optimizer)}
 
     def write_trace(self, directory: str) -> dict[str, Any] | None:
         raise ValueError(f"plan {self.plan} has no pipeline, so there is no pipeline timeline to write; "

@@ -104,3 +104,26 @@ def saved_activation_bytes(model: torch.nn.Module, inputs: Any) -> int:
             hook.remove()
     del out
     return total
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard on this rank
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    return sum(_local(p).numel() * p.element_size() for p in model.parameters())
+
+
+def grad_bytes(model: torch.nn.Module) -> int:
+    return sum(_local(p.grad).numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+
+
+def optimizer_bytes(optimizer: Any) -> int:
+    """Bytes of the optimizer state this rank holds (a ZeroRedundancyOptimizer: its own partition)."""
+    inner = getattr(optimizer, "optim", optimizer)
+    total = 0
+    for state in getattr(inner, "state", {}).values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                total += _local(value).numel() * value.element_size()
+    return total

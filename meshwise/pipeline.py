@@ -95,14 +95,7 @@ class PipelineEngine(Engine):
         if sample is None:
             raise ValueError(f"plan {plan} cuts the model into pipeline stages, which needs sample=(x, y) (one "
                              f"example batch) to trace and time the model; pass it to meshwise.parallelize")
-        self.plan = plan
-        self.microbatches: int = plan.resolved().microbatches  # type: ignore[assignment]
-        self.ctx = ctx
-        self.device = ctx.device
-        self.loss_fn = loss_fn
-        self.sample = sample
-        self._sample_spec: Any = None
-        self.steps = 0
+        self._init_common(plan, ctx, loss_fn, sample)
         self._model = model
         self.virtual = VIRTUAL_STAGES if plan.schedule == "interleaved" else 1
         self.num_stages = plan.pp * self.virtual

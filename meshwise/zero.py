@@ -1,0 +1,147 @@
+"""ZeRO over the data-parallel axis: shard what every replica would otherwise hold whole.
+
+* ``zero=1``: DDP as for plain data parallelism, and the optimizer state sharded with
+  torch's ``ZeroRedundancyOptimizer`` (each rank updates its partition of the
+  parameters and broadcasts it).
+* ``zero=2``: FSDP2 (``fully_shard``) on every block and the root, parameters not
+  resharded after forward: gradients (reduce-scattered) and optimizer state are sharded;
+  the parameters are gathered once per step and kept for backward.
+* ``zero=3``: the same, resharded after forward: parameters are gathered block by block
+  in forward and again in backward, so at rest each rank holds 1/dp of everything.
+
+The update is the single-process one, with the same weighting as plain data
+parallelism (FSDP2 averages gradients over the replicas as DDP does). FSDP's
+collectives run inside forward and backward, so every rank runs the same number of
+micro-batches and predict chunks: a rank with fewer rows runs placeholder rows with
+weight 0, as an empty share already does.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from meshwise import data, memory
+from meshwise import dist as mwdist
+from meshwise.engine import Engine, LossFn, OptimizerArg, _build_optimizer
+from meshwise.plan import Plan
+
+
+def _rebuilt(optimizer: torch.optim.Optimizer, what: str) -> tuple[type, dict[str, Any]]:
+    if len(optimizer.param_groups) != 1:
+        raise ValueError(
+            f"{what} rebuilds the optimizer on sharded parameters and supports one parameter group; "
+            f"got {len(optimizer.param_groups)}: pass optimizer=lambda params: YourOptimizer(params, ...)"
+        )
+    cls = type(optimizer)
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls, {k: v for k, v in optimizer.defaults.items() if k in accepted}
+
+
+def shard_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, group: Any) -> torch.optim.Optimizer:
+    """zero=1: the same optimizer class and settings, its state sharded over ``group``."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    cls, defaults = _rebuilt(optimizer, "zero=1")
+    return ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, process_group=group, **defaults)
+
+
+class ShardedEngine(Engine):
+    """zero=2 and zero=3 with FSDP2 (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        plan: Plan,
+        ctx: mwdist.Context,
+        *,
+        loss_fn: LossFn | None,
+        optimizer: OptimizerArg | None,
+        sample: Any,
+    ) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from meshwise.split import _candidates
+
+        self._init_common(plan, ctx, loss_fn, sample)
+        self.dp_rank, self.dp_size = ctx.rank, plan.dp
+        self.dp_group = dist.group.WORLD
+        if plan.checkpointing:
+            memory.checkpoint_blocks(model)
+        model.to(self.device)
+        mesh = init_device_mesh(self.device.type, (plan.dp,), mesh_dim_names=("dp",))
+        reshard = plan.zero == 3
+        blocks = [block for _, block in _candidates(model) if any(p.requires_grad for p in block.parameters())]
+        owners: dict[int, int] = {}
+        for block in blocks:
+            for p in block.parameters():
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        for block in blocks:  # a block sharing a weight with another (tied embeddings) stays with the root
+            if all(owners[id(p)] == 1 for p in block.parameters()):
+                fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+        self._model = model
+        if isinstance(optimizer, torch.optim.Optimizer):  # built on the unsharded parameters: rebuild it
+            cls, defaults = _rebuilt(optimizer, f"zero={plan.zero}")
+            self.optimizer = cls(model.parameters(), **defaults)
+        else:
+            self.optimizer = _build_optimizer(optimizer, model)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The user's model, sharded in place (its parameters are DTensors)."""
+        return self._model
+
+    def step(self, batch: Any) -> float:
+        """Forward, backward (gradients reduce-scattered), optimizer step on the shards.
+
+        Returns the global mean loss over the whole global batch, the same on every rank.
+        """
+        local, total = self._begin_step(batch)
+        if self.device.type != "cpu":
+            batch = data.to_device(batch, self.device)
+        parts = [] if local == 0 else (
+            [(batch, local)] if self.microbatches == 1
+            else [(p, data.batch_size_of(p)) for p in data.split(batch, self.microbatches)])
+        parts += [(self._placeholder(), 0)] * (self.microbatches - len(parts))  # the same passes on every rank
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (part, size) in enumerate(parts):
+            self._model.set_requires_gradient_sync(i == len(parts) - 1)
+            inputs, targets = data.unpack(part)
+            with memory.autocast(self.device, self.plan.precision):
+                loss = self._loss(data.call(self._model, inputs), targets)
+            (loss * (size * self.dp_size / total)).backward()
+            loss_sum += loss.detach() * size
+        reduced = dist.all_reduce(loss_sum, group=self.dp_group, async_op=True)
+        self._grad_bytes = memory.grad_bytes(self._model)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        reduced.wait()
+        self.steps += 1
+        return float(loss_sum) / total
+
+    def _predict_local(self, dataset: Any, mine: torch.Tensor, batch_size: int | None, counts: list[int]) -> Any:
+        """Every rank runs as many forward passes as the largest share needs (FSDP gathers
+        parameters inside forward); extra passes run one placeholder row, discarded."""
+        size = batch_size or max(counts)
+        passes = max(1, math.ceil(max(counts) / size))
+        chunks = list(mine.split(size)) if len(mine) else []
+        outs = [self._forward_inputs(dataset, chunk) for chunk in chunks]
+        spare = [self._forward_inputs(dataset, torch.arange(1)) for _ in range(passes - len(chunks))]
+        if outs:
+            return data.concat(outs)
+        return data.map_tensors(lambda t: t[:0], spare[0])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's state dict on rank 0 (gathered from the shards), None elsewhere.
+
+        A collective. It loads into the original, unwrapped model."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self._model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.clone() for k, v in state.items()} if self.is_main else None
