@@ -50,30 +50,46 @@ def autocast_forward(module: torch.nn.Module, device: torch.device, precision: s
 def checkpoint_blocks(model: torch.nn.Module) -> list[str]:
     """Make every block of ``model`` recompute its activations in backward; their names.
 
-    The blocks' own ``forward`` is wrapped in place (once), so the model, its parameter
-    names and a pipeline's stages, which call the same modules, all recompute.
+    Each block's class is swapped for a subclass whose ``forward`` runs the original under
+    ``torch.utils.checkpoint`` (once per block), so names, ``state_dict`` and deep copies
+    behave as before, and a pipeline's stages, which call the same modules, recompute too.
     """
     from meshwise.split import _candidates
 
     names = []
     for name, block in _candidates(model):
-        if getattr(block.forward, "_meshwise_checkpointed", False):
+        if getattr(type(block), "_meshwise_checkpointed", False):
             names.append(name)
             continue
         if not any(p.requires_grad for p in block.parameters()):
-            continue  # nothing to recompute for: activations of a weightless layer are its neighbours'
-        forward = block.forward
-
-        @functools.wraps(forward)
-        def recomputed(*args: Any, _forward: Any = forward, **kwargs: Any) -> Any:
-            if not torch.is_grad_enabled():
-                return _forward(*args, **kwargs)
-            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-
-        recomputed._meshwise_checkpointed = True  # type: ignore[attr-defined]
-        block.forward = recomputed
+            continue  # nothing to recompute for: a weightless layer's activations are its neighbours'
+        block.__class__ = _recomputing(type(block))
         names.append(name)
     return names
+
+
+def _as_original(cls: type, state: dict[str, Any]) -> torch.nn.Module:
+    """A copy of a recomputing block as its original class (it does not recompute)."""
+    module = cls.__new__(cls)
+    module.__dict__.update(state)
+    return module
+
+
+@functools.cache
+def _recomputing(cls: type) -> type:
+    def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        run = super(recomputing, self).forward
+        if not torch.is_grad_enabled():
+            return run(*args, **kwargs)
+        return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+    def __reduce_ex__(self: torch.nn.Module, protocol: Any) -> Any:
+        return _as_original, (cls, self.__dict__)  # pickled and deep-copied as the original class
+
+    recomputing = type(cls.__name__, (cls,), {"forward": forward, "_meshwise_checkpointed": True,
+                                              "__reduce_ex__": __reduce_ex__, "__module__": cls.__module__,
+                                              "__qualname__": cls.__qualname__})
+    return recomputing
 
 
 def saved_activation_bytes(model: torch.nn.Module, inputs: Any) -> int:
@@ -95,7 +111,7 @@ def saved_activation_bytes(model: torch.nn.Module, inputs: Any) -> int:
                 total += t.numel() * t.element_size()
 
     hooks = [m.register_forward_pre_hook(kept_inputs, with_kwargs=True) for m in model.modules()
-             if getattr(m.forward, "_meshwise_checkpointed", False)]
+             if getattr(type(m), "_meshwise_checkpointed", False)]
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
@@ -127,3 +143,14 @@ def optimizer_bytes(optimizer: Any) -> int:
             if isinstance(value, torch.Tensor):
                 total += _local(value).numel() * value.element_size()
     return total
+
+
+def broadcast_state(model: torch.nn.Module, device: torch.device) -> None:
+    """Make every rank's copy of ``model`` rank 0's (parameters and buffers), as DDP does at wrap time."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(torch.view_as_real(t.data) if t.is_complex() else t.data, 0)

@@ -206,7 +206,7 @@ def measure(layers: Sequence[tuple[str, torch.nn.Module]], layer_args: dict[str,
         times = []
         saved = 0
         for r in range(repeats + 1):
-            fresh = lambda a: a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a  # noqa: E731
+            fresh = _fresh_input
             args = tuple(fresh(a) for a in layer_args[name][0])
             kwargs = {k: fresh(v) for k, v in layer_args[name][1].items()}
             stored: list[int] = []
@@ -236,6 +236,16 @@ def measure(layers: Sequence[tuple[str, torch.nn.Module]], layer_args: dict[str,
             output_bytes=sent,
         ))
     return costs
+
+
+def _fresh_input(a: Any) -> Any:
+    """A layer's input cut from the graph: a float tensor requires grad, and is not a leaf,
+    so that an in-place first operation (ReLU(inplace=True)) is allowed, as in the model."""
+    if not isinstance(a, torch.Tensor):
+        return a
+    if a.is_floating_point():
+        return a.detach().requires_grad_(True).clone()
+    return a.detach()
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -293,22 +303,31 @@ def partition(model: torch.nn.Module, sample: Any, stages: int, *, memory_limit:
     """
     inputs = data.unpack(sample)[0] if isinstance(sample, (tuple, list)) else sample
     was_training = model.training
+    buffers = {name: b.clone() for name, b in model.named_buffers()}  # e.g. batch-norm statistics
     model.train()
     try:
-        cut = split_model(model, inputs)
-        layers = cut.layers
-        if stages > len(layers):
-            names = ", ".join(name for name, _ in layers)
-            raise ValueError(f"cannot cut {type(model).__name__} into {stages} stages: it has {len(layers)} splittable "
-                             f"layers ({names}); use at most {len(layers)} stages, or split the layers further")
-        allowed = cut.allowed_cuts()
-        if stages > len(allowed) - 1:
-            blocked = [f"before {layers[i][0]} ({c.why})" for i, c in enumerate(cut.crossings) if not c.ok]
-            raise ValueError(f"{type(model).__name__} can be cut at {len(allowed) - 2} places, too few for {stages} "
-                             f"stages; cuts are impossible {'; '.join(blocked[:3])}")
-        costs = measure(layers, cut.layer_args, [c.bytes for c in cut.crossings[1:]])
+        with torch.random.fork_rng(devices=[]):  # tracing and timing draw no numbers from the user's stream
+            return _partition(model, inputs, stages, memory_limit)
     finally:
         model.train(was_training)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+
+
+def _partition(model: torch.nn.Module, inputs: Any, stages: int, memory_limit: int | None) -> Partition:
+    cut = split_model(model, inputs)
+    layers = cut.layers
+    if stages > len(layers):
+        names = ", ".join(name for name, _ in layers)
+        raise ValueError(f"cannot cut {type(model).__name__} into {stages} stages: it has {len(layers)} splittable "
+                         f"layers ({names}); use at most {len(layers)} stages, or split the layers further")
+    allowed = cut.allowed_cuts()
+    if stages > len(allowed) - 1:
+        blocked = [f"before {layers[i][0]} ({c.why})" for i, c in enumerate(cut.crossings) if not c.ok]
+        raise ValueError(f"{type(model).__name__} can be cut at {len(allowed) - 2} places, too few for {stages} "
+                         f"stages; cuts are impossible {'; '.join(blocked[:3])}")
+    costs = measure(layers, cut.layer_args, [c.bytes for c in cut.crossings[1:]])
     bounds = balance([c.ms for c in costs], stages, memory=[c.memory_bytes for c in costs], limit=memory_limit,
                      allowed=allowed)
     return Partition(layers=tuple(costs), bounds=tuple(bounds), split=cut)

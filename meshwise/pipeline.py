@@ -52,6 +52,9 @@ VIRTUAL_STAGES = 2
 
 TRACE_ENV = "MESHWISE_TRACE"
 
+RUNNERS_KEPT = 8
+"""Stage sets kept for distinct micro-batch shapes (training and predict)."""
+
 
 def interleaved_rounds_ok(microbatches: int, pp: int) -> bool:
     """torch's interleaved 1F1B runs micro-batches in rounds of pp: m must be a multiple of max(1, m // pp)."""
@@ -108,10 +111,14 @@ class PipelineEngine(Engine):
         self.dp_size = plan.dp
         if plan.checkpointing:
             memory.checkpoint_blocks(model)
+        model.to(self.device)
+        memory.broadcast_state(model, self.device)  # every replica and every copy of a tied weight starts equal
         self.partition = self._partition(model, sample, stages)
         modules = self.partition.stage_modules()
         for module in modules:
             memory.autocast_forward(module, self.device, plan.precision)
+            if any(getattr(m, "inplace", False) for m in module.modules()):
+                _unleaf_inputs(module)
         self._output_spec: Any = None
         modules[-1].forward = self._flat_output(modules[-1].forward)  # state dict and names unchanged
         self.all_stage_modules = modules
@@ -126,7 +133,7 @@ class PipelineEngine(Engine):
             self.optimizer = _build_optimizer(optimizer, _Params(params or [torch.nn.Parameter(torch.zeros(0))]))
         else:  # built on the whole model: parameters of other stages never get a gradient and stay put
             self.optimizer = _build_optimizer(optimizer, model)
-        self._runners: dict[tuple[int, int, bool, str], tuple[list[PipelineStage], Any]] = {}
+        self._runners: dict[tuple[Any, ...], tuple[list[PipelineStage], Any]] = {}
         self._total = 1
         self.recorder = Recorder(self.rank, self.pp_rank, self.dp_rank) if trace or os.environ.get(TRACE_ENV) else None
         if self.recorder is not None and os.environ.get(TRACE_ENV):
@@ -151,20 +158,21 @@ class PipelineEngine(Engine):
                 else:
                     part = partition(model, (inputs, None), self.num_stages)
                     message = [("ok", part.bounds)]
-            except (ValueError, TypeError) as error:
-                message = [("error", f"{error}")]
+            except Exception as error:  # every rank must hear of it, or they wait in the broadcast
+                message = [("error", f"{error}" if isinstance(error, (ValueError, TypeError))
+                            else f"{type(error).__name__}: {error}")]
         dist.broadcast_object_list(message, src=0)
         kind, value = message[0]
         if kind == "error":
             virtual = f"; schedule=interleaved puts {self.virtual} stages on each rank" if self.virtual > 1 else ""
             raise ValueError(f"plan {self.plan} (a pipeline of {self.num_stages} stages{virtual}): {value}")
         if part is None:
-            was_training = model.training
-            model.train()
-            try:
-                cut = split_model(model, inputs)
-            finally:
-                model.train(was_training)
+            cut = _split_quietly(model, inputs)
+            blocked = [(a, cut.crossings[a].why) for a, _ in value[1:] if not cut.crossings[a].ok]
+            if blocked:
+                a, why = blocked[0]
+                raise ValueError(f"stages={list(value)} cuts before layer {a} ({cut.layers[a][0]}), where no cut is "
+                                 f"possible: {why}; choose other bounds or leave the cut to meshwise")
             if value[-1][1] != len(cut.layers):
                 raise ValueError(f"stages={list(value)} ends at layer {value[-1][1]} but {type(model).__name__} has "
                                  f"{len(cut.layers)} splittable layers; the last range must stop at {len(cut.layers)}")
@@ -226,8 +234,11 @@ class PipelineEngine(Engine):
         name = self.plan.schedule
         if not train or (name == "1f1b" and microbatches < self.plan.pp):
             name = "looped" if name == "interleaved" else "gpipe"
-        key = (rows, microbatches, train, name)
+        shapes = tuple((tuple(t.shape[1:]), t.dtype) for t in example)
+        key = (rows, microbatches, train, name, shapes)
         if key not in self._runners:
+            while len(self._runners) >= RUNNERS_KEPT:  # each holds receive buffers: keep the recent few
+                self._runners.pop(next(iter(self._runners)))
             metas = self._metas(tuple(t[:rows] for t in example), train)
             stages = [
                 _Stage(self.stage_modules[s], s, self.num_stages, self.device, input_args=metas[s][0],
@@ -332,7 +343,7 @@ class PipelineEngine(Engine):
             losses: list[torch.Tensor] = []
             schedule.step(*args, target=targets, losses=losses, return_outputs=False)
             if self.holds_last:
-                loss_sum = torch.stack([x.detach() for x in losses]).sum()
+                loss_sum = torch.stack([x.detach().float() for x in losses]).sum()
         # last stages hold their replica's share of the mean, others 0; asynchronous, so a stage
         # that finished early steps its optimizer while the first stage finishes its backward
         # (waiting first cost 10% of a step in bench/pp.py)
@@ -347,13 +358,13 @@ class PipelineEngine(Engine):
     def _sync_gradients(self) -> None:
         for group, params in self._groups:
             flags = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
-                             + [flags])
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                              for p in params] + [flags])  # summed in fp32, whatever the parameters' dtype
             dist.all_reduce(flat, group=group)
             offset = 0
             for p, flag in zip(params, flat[-len(params):].tolist()):
                 n = p.numel()
-                p.grad = flat[offset:offset + n].view_as(p) if flag else None
+                p.grad = flat[offset:offset + n].view_as(p).to(p.dtype) if flag else None
                 offset += n
 
     # -- inference and state ---------------------------------------------------------------------
@@ -412,8 +423,8 @@ class PipelineEngine(Engine):
         if not self.is_main:
             return None
         merged = {k: v.detach().cpu().clone() for k, v in self._model.state_dict().items()}
-        for part in gathered:
-            merged.update(part)
+        for part in gathered:  # stage-only names (fx constants) are not the model's: left out
+            merged.update({k: v for k, v in part.items() if k in merged})
         return merged
 
     def write_trace(self, directory: str) -> dict[str, Any] | None:
@@ -432,6 +443,33 @@ class PipelineEngine(Engine):
 
         events = [e for rank_events in gathered for e in rank_events]
         return trace.write(directory, events, f"plan {self.plan}")
+
+
+def _unleaf_inputs(module: torch.nn.Module) -> None:
+    """Received activations are leaves that require grad, which an in-place layer
+    (ReLU(inplace=True)) may not modify: such a stage works on copies."""
+    forward = module.forward
+
+    def copied(*args: Any, **kwargs: Any) -> Any:
+        args = tuple(a.clone() if isinstance(a, torch.Tensor) and a.is_leaf and a.requires_grad else a for a in args)
+        return forward(*args, **kwargs)
+
+    module.forward = copied
+
+
+def _split_quietly(model: torch.nn.Module, inputs: Any) -> Any:
+    """``split_model`` in train mode, leaving buffers (batch-norm statistics) and the RNG as they were."""
+    was_training = model.training
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return split_model(model, inputs)
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
 
 
 def _given_bounds(given: Any, stages: int) -> tuple[tuple[int, int], ...]:

@@ -58,6 +58,7 @@ class GraphSplit:
         finally:
             if cache is True:
                 config.use_cache = True
+        self.opaque = tracer.opaque
         self.graph = graph
         self.gm = fx.GraphModule(self.root, graph)
         calls = [n for n in graph.nodes if n.op == "call_module"]
@@ -85,10 +86,12 @@ class GraphSplit:
         return out
 
     def _is_meta(self, node: fx.Node) -> bool:
-        """A value computed from shapes (an int, a torch.Size): recomputed on each stage that
-        reads it, from the tensors it came from, never sent."""
+        """A value computed from shapes (an int, a torch.Size), or the result of an opaque call:
+        recomputed on each stage that reads it, from the tensors it came from, never sent."""
         if node.op in ("placeholder", "call_module", "output", "get_attr"):
             return False
+        if node.op == "call_function" and node.target in self.opaque:
+            return True  # an opaque call (a mask builder) can return None or a tensor by the data: rerun it
         value = self.values.get(node)
         return not _sendable(value) and not _bakeable(value)
 
@@ -232,6 +235,7 @@ class _LeafTracer(fx.Tracer):
         opaque = tuple(v for k, v in vars(masks).items() if inspect.isfunction(v) and not k.startswith("_")
                        and v.__module__ == masks.__name__) if masks else ()
         super().__init__(autowrap_functions=opaque)
+        self.opaque = set(opaque)
         self.leaves = leaves
         self.model = model
         self.constants = 0

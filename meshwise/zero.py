@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -42,10 +43,18 @@ def _rebuilt(optimizer: torch.optim.Optimizer, what: str) -> tuple[type, dict[st
     return cls, {k: v for k, v in optimizer.defaults.items() if k in accepted}
 
 
+def _warn_if_stateful(optimizer: torch.optim.Optimizer) -> None:
+    if optimizer.state:
+        warnings.warn("ZeRO rebuilds the optimizer on sharded parameters: its existing state (e.g. Adam moments) "
+                      "and any learning-rate scheduler attached to it are not carried over; pass "
+                      "optimizer=lambda params: ... and attach schedulers to engine.optimizer", stacklevel=3)
+
+
 def shard_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, group: Any) -> torch.optim.Optimizer:
     """zero=1: the same optimizer class and settings, its state sharded over ``group``."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
+    _warn_if_stateful(optimizer)
     cls, defaults = _rebuilt(optimizer, "zero=1")
     return ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, process_group=group, **defaults)
 
@@ -74,6 +83,7 @@ class ShardedEngine(Engine):
         if plan.checkpointing:
             memory.checkpoint_blocks(model)
         model.to(self.device)
+        memory.broadcast_state(model, self.device)  # the shards must come from one model, as DDP ensures
         mesh = init_device_mesh(self.device.type, (plan.dp,), mesh_dim_names=("dp",))
         reshard = plan.zero == 3
         blocks = [block for _, block in _candidates(model) if any(p.requires_grad for p in block.parameters())]
@@ -87,6 +97,7 @@ class ShardedEngine(Engine):
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
         self._model = model
         if isinstance(optimizer, torch.optim.Optimizer):  # built on the unsharded parameters: rebuild it
+            _warn_if_stateful(optimizer)
             cls, defaults = _rebuilt(optimizer, f"zero={plan.zero}")
             self.optimizer = cls(model.parameters(), **defaults)
         else:

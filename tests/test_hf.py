@@ -93,3 +93,20 @@ def test_hugging_face_models_in_a_pipeline_match_one_process(plan: str, world: i
         assert r["loss_diff"] <= TOL and r["predict_diff"] <= TOL, r["model"]
         assert all(r["losses"] == other["losses"] for ranks in results[1:] for other in ranks
                    if other["model"] == r["model"])
+
+
+def test_a_mask_built_from_the_data_is_rebuilt_on_every_stage() -> None:
+    """Traced on an unpadded sample, where the mask builder returns None, the stages must still
+    honour a padded batch's attention mask: the builder runs again on each stage."""
+    model = models()["llama"].eval()
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    part = mw.partition(model, ((ids, torch.ones_like(ids)), None), stages=3)
+    padded = torch.ones_like(ids)
+    padded[0, :3] = 0
+    for mask in (torch.ones_like(ids), padded):
+        h = (ids, mask)
+        for stage in part.stage_modules():
+            h = stage(*h)
+            h = h if isinstance(h, tuple) else (h,)
+        with torch.no_grad():
+            assert (h[0]["logits"] - model(ids, mask).logits).abs().max() < 1e-5

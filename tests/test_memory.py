@@ -94,3 +94,17 @@ def test_bf16_forward_really_runs_in_bf16() -> None:
     with autocast(torch.device("cpu"), "bf16"):
         assert lin(torch.randn(2, 4)).dtype == torch.bfloat16
     assert F.linear(torch.randn(2, 4), lin.weight).dtype == torch.float32
+
+
+def test_checkpointed_models_copy_and_save_with_their_own_weights(tmp_path) -> None:
+    model = gpt()
+    checkpoint_blocks(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(1.0)
+    x, _ = tokens(2)
+    assert not torch.allclose(twin(x), model(x))  # the copy computes with its own weights
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert torch.equal(loaded(x), model(x))

@@ -130,7 +130,10 @@ def test_pipeline_matches_one_process(dp: int, pp: int) -> None:
 
 
 def errors() -> list[str]:
+    from test_partition import DictAcross
+
     x, y = classification(40)
+    x4 = torch.randn(4, 4)
     seq = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
     cases = {
         "too many stages": lambda: mw.parallelize(torch.nn.Sequential(torch.nn.Linear(8, 4)), "pp=2",
@@ -144,6 +147,8 @@ def errors() -> list[str]:
                                          stages=[(0, 1), (2, 3)]),
         "batch": lambda: mw.parallelize(seq, "pp=2,microbatches=4", loss_fn=F.cross_entropy,
                                         sample=(x[:4], y[:4])).loader((x, y), 10),
+        "blocked cut": lambda: mw.parallelize(DictAcross(), "pp=2", loss_fn=F.mse_loss, sample=(x4, x4),
+                                              stages=[(0, 2), (2, 4)]),
     }
     out = []
     for name, make in cases.items():
@@ -167,6 +172,30 @@ def test_bad_pipeline_input_is_refused_with_the_values_and_the_fix() -> None:
     assert "not 2 contiguous" in got["stages"]
     assert "batch_size=10 gives replicas [10] samples each, which microbatches=4 does not divide" in got["batch"]
     assert "e.g. 8" in got["batch"]
+    assert "cuts before layer 2 (b), where no cut is possible: value d is a Python dict" in got["blocked cut"]
+
+
+def unseeded() -> dict:
+    """Each rank builds its model from its own seed, with an in-place ReLU: the engine starts from
+    rank 0's weights everywhere (as DDP does) and the in-place layer works on a stage's input."""
+    import os
+
+    torch.manual_seed(100 + int(os.environ["RANK"]))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(inplace=True), torch.nn.Linear(8, 8),
+                                torch.nn.ReLU(inplace=True), torch.nn.Linear(8, 4))
+    initial = copy.deepcopy(model.state_dict())
+    x, y = classification(16)
+    engine = mw.parallelize(model, "pp=2", loss_fn=F.cross_entropy, optimizer=lambda p: torch.optim.SGD(p, lr=0.0),
+                            sample=(x[:8], y[:8]), stages=[(0, 2), (2, 5)])  # stage 1 starts with the in-place ReLU
+    engine.step((x[:8], y[:8]))
+    return {"initial": initial, "state": engine.full_state_dict()}
+
+
+def test_replicas_start_from_rank_0s_weights_and_in_place_layers_run() -> None:
+    first, second = harness.run(unseeded, 2, deadline=120)
+    assert second["state"] is None
+    assert all(torch.equal(first["state"][k], first["initial"][k]) for k in first["initial"])  # lr 0: rank 0's
+    assert not all(torch.equal(first["initial"][k], second["initial"][k]) for k in first["initial"])
 
 
 # -- the timeline -------------------------------------------------------------------------------------------
