@@ -101,11 +101,8 @@ class Engine:
         optimizer: OptimizerArg | None,
         sample: Any,
     ) -> None:
-        self._init_common(plan, ctx, loss_fn, sample)
-        self.dp_rank, self.dp_size = ctx.rank, plan.dp
-        self.dp_group = dist.group.WORLD
-        if plan.checkpointing:
-            memory.checkpoint_blocks(model)
+        self._init_common(model, plan, ctx, loss_fn, sample)
+        self.dp_rank, self.dp_size, self.dp_group = ctx.rank, plan.dp, dist.group.WORLD
         self._replica = _Replica(model).to(self.device)  # in place: optimizers built on model stay valid
         self._ddp = DistributedDataParallel(
             self._replica,
@@ -118,7 +115,11 @@ class Engine:
 
             self.optimizer = shard_optimizer(self.optimizer, model, self.dp_group)
 
-    def _init_common(self, plan: Plan, ctx: mwdist.Context, loss_fn: LossFn | None, sample: Any) -> None:
+    def _init_common(self, model: torch.nn.Module, plan: Plan, ctx: mwdist.Context, loss_fn: LossFn | None,
+                     sample: Any) -> None:
+        """What every engine sets up; ``checkpointing=true`` makes the model's blocks recompute."""
+        if plan.checkpointing:
+            memory.checkpoint_blocks(model)
         self.plan = plan
         self.microbatches: int = plan.resolved().microbatches  # type: ignore[assignment]
         self.ctx = ctx

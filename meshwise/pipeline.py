@@ -98,7 +98,7 @@ class PipelineEngine(Engine):
         if sample is None:
             raise ValueError(f"plan {plan} cuts the model into pipeline stages, which needs sample=(x, y) (one "
                              f"example batch) to trace and time the model; pass it to meshwise.parallelize")
-        self._init_common(plan, ctx, loss_fn, sample)
+        self._init_common(model, plan, ctx, loss_fn, sample)
         self._model = model
         self.virtual = VIRTUAL_STAGES if plan.schedule == "interleaved" else 1
         self.num_stages = plan.pp * self.virtual
@@ -109,8 +109,6 @@ class PipelineEngine(Engine):
         self.dp_rank = mesh.get_local_rank("dp")
         self.pp_rank = mesh.get_local_rank("pp")
         self.dp_size = plan.dp
-        if plan.checkpointing:
-            memory.checkpoint_blocks(model)
         model.to(self.device)
         memory.broadcast_state(model, self.device)  # every replica and every copy of a tied weight starts equal
         self.partition = self._partition(model, sample, stages)

@@ -77,11 +77,8 @@ class ShardedEngine(Engine):
 
         from meshwise.split import _candidates
 
-        self._init_common(plan, ctx, loss_fn, sample)
-        self.dp_rank, self.dp_size = ctx.rank, plan.dp
-        self.dp_group = dist.group.WORLD
-        if plan.checkpointing:
-            memory.checkpoint_blocks(model)
+        self._init_common(model, plan, ctx, loss_fn, sample)
+        self.dp_rank, self.dp_size, self.dp_group = ctx.rank, plan.dp, dist.group.WORLD
         model.to(self.device)
         memory.broadcast_state(model, self.device)  # the shards must come from one model, as DDP ensures
         mesh = init_device_mesh(self.device.type, (plan.dp,), mesh_dim_names=("dp",))
