@@ -169,6 +169,23 @@ def to_device(value: Any, device: torch.device) -> Any:
     return map_tensors(lambda t: t.to(device, non_blocking=True), value)
 
 
+def tensors_only(value: Any) -> Any:
+    """A model output without its non-tensor entries (a dict's generation cache, say), for gathering."""
+    if isinstance(value, dict):
+        return {k: tensors_only(v) for k, v in value.items() if _all_tensors(v)}
+    return value
+
+
+def _all_tensors(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (tuple, list)):
+        return bool(value) and all(_all_tensors(v) for v in value)
+    if isinstance(value, dict):
+        return all(_all_tensors(v) for v in value.values())
+    return False
+
+
 def concat(parts: list[Any]) -> Any:
     """Concatenate same-structured batches along dim 0."""
     head = parts[0]

@@ -282,7 +282,7 @@ class Engine:
             batch = batch[0]
         with memory.autocast(self.device, self.plan.precision):
             out = data.call(self.model, data.to_device(batch, self.device))
-        return memory.full_precision(out)
+        return memory.full_precision(data.tensors_only(out))
 
     def _gather_rows(self, local: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """AllGather_dp(x[n_r, ...]) -> x[sum n_r, ...], in rank order, for uneven n_r = counts[r]."""

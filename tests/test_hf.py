@@ -2,7 +2,8 @@
 
 GPT-2 (tied input and output embeddings), Llama (rotary position embeddings passed to
 every block as a tuple of tensors) and BERT (masked LM) are cut into 2 stages and
-trained 5 steps under pp=2 (1F1B) and dp=2 x pp=2 (interleaved); parameters gathered
+trained 5 steps under pp=2 (1F1B) and dp=2 x pp=2 (interleaved), and sharded under
+dp=2,zero=3 (FSDP2); parameters gathered
 with ``full_state_dict()`` must equal a single-process run's (max abs diff <= 1e-5 in
 fp32; dropout off, so both runs compute the same function). SGD with momentum, for the
 reason given in test_pp.py.
@@ -83,7 +84,7 @@ def train(plan: str) -> list[dict]:
     return results
 
 
-@pytest.mark.parametrize(("plan", "world"), [("pp=2", 2), ("dp=2,pp=2,schedule=interleaved", 4)])
+@pytest.mark.parametrize(("plan", "world"), [("pp=2", 2), ("dp=2,pp=2,schedule=interleaved", 4), ("dp=2,zero=3", 2)])
 def test_hugging_face_models_in_a_pipeline_match_one_process(plan: str, world: int) -> None:
     results = harness.run(train, world, (plan,), deadline=300)
     for r in results[0]:
