@@ -77,7 +77,8 @@ def parallelize(
 def _reject_unavailable(plan: Plan) -> None:
     missing = [
         (plan.tp > 1, f"tp={plan.tp} (tensor parallelism)"),
-        (plan.zero > 0 and plan.pp > 1, f"zero={plan.zero} with pp={plan.pp} (sharded data parallelism in a pipeline)"),
+        (plan.zero > 1 and plan.pp > 1, f"zero={plan.zero} with pp={plan.pp} (sharded gradients or parameters in a "
+                                         f"pipeline; zero=1 works with pp)"),
     ]
     named = [text for cond, text in missing if cond]
     if named:

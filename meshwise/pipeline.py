@@ -131,6 +131,11 @@ class PipelineEngine(Engine):
             self.optimizer = _build_optimizer(optimizer, _Params(params or [torch.nn.Parameter(torch.zeros(0))]))
         else:  # built on the whole model: parameters of other stages never get a gradient and stay put
             self.optimizer = _build_optimizer(optimizer, model)
+        if plan.zero == 1 and self.optimizer is not None:  # each stage's optimizer state sharded over its replicas
+            from meshwise.zero import shard_optimizer
+
+            self.optimizer = shard_optimizer(self.optimizer, _Params(params or [torch.nn.Parameter(torch.zeros(0))]),
+                                             self.dp_group)
         self._runners: dict[tuple[Any, ...], tuple[list[PipelineStage], Any]] = {}
         self._total = 1
         self.recorder = Recorder(self.rank, self.pp_rank, self.dp_rank) if trace or os.environ.get(TRACE_ENV) else None
@@ -347,6 +352,8 @@ class PipelineEngine(Engine):
         # (waiting first cost 10% of a step in bench/pp.py)
         reduced = dist.all_reduce(loss_sum, async_op=True)
         self._sync_gradients()
+        self._grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in self._local_parameters()
+                               if p.grad is not None)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         reduced.wait()
@@ -406,6 +413,12 @@ class PipelineEngine(Engine):
         dist.all_gather_object(gathered, (self.dp_rank, local) if self.holds_last else None)
         parts = sorted((g for g in gathered if g is not None and g[1] is not None), key=lambda g: g[0])
         return data.map_tensors(lambda t: t.to(self.device), data.concat([p for _, p in parts]))
+
+    def state_bytes(self) -> dict[str, int]:
+        """This rank's model-state bytes: its stages' parameters, their gradients (at the end of
+        the last step's backward) and the optimizer state it holds."""
+        return {"parameters": sum(p.numel() * p.element_size() for p in self._local_parameters()),
+                "gradients": self._grad_bytes, "optimizer": memory.optimizer_bytes(self.optimizer)}
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's state dict, gathered from the stages onto rank 0 (None elsewhere).

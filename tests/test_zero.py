@@ -80,3 +80,15 @@ def test_zero_matches_one_process_and_shards_model_state(zero: int) -> None:
             assert got["gradients"] <= full / 2 + slack, got
         if zero == 3:
             assert got["parameters"] <= full / 2 + slack, got
+
+
+def test_zero_1_shards_each_stages_optimizer_in_a_pipeline() -> None:
+    results = harness.run(train, 4, ("dp=2,pp=2,zero=1,microbatches=2",), deadline=240)
+    for r in results[0]:
+        assert r["diff"] <= TOL and r["loss_diff"] <= TOL and r["predict"] <= TOL, r
+    # rank 0's stage has its optimizer state split between the two replicas holding it (ranks 0 and 2)
+    for mine, peer in zip(results[0], results[2]):
+        whole = STATE[mine["model"]] * mine["bytes"]["parameters"]
+        both = mine["bytes"]["optimizer"] + peer["bytes"]["optimizer"]
+        assert whole <= both <= whole + 256 and max(mine["bytes"]["optimizer"], peer["bytes"]["optimizer"]) < both, (
+            mine["bytes"], peer["bytes"])
