@@ -30,6 +30,7 @@ bench: $(VENV)/.test
 	$(BIN)/python bench/dp.py
 	$(BIN)/python bench/pp.py
 	$(BIN)/python bench/zero.py
+	$(BIN)/python bench/tp.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -11,6 +11,7 @@ from meshwise.launch import WorkerFailed, launch
 from meshwise.parallel_map import map
 from meshwise.partition import Partition, partition
 from meshwise.plan import Plan
+from meshwise.tensor import tensor_plan
 
-__all__ = ["Engine", "Partition", "Plan", "WorkerFailed", "launch", "map", "parallelize", "partition"]
+__all__ = ["Engine", "Partition", "Plan", "WorkerFailed", "launch", "map", "parallelize", "partition", "tensor_plan"]
 __version__ = "0.1.0"

@@ -67,6 +67,10 @@ def parallelize(
 
         return PipelineEngine(model, plan, ctx, loss_fn=loss_fn, optimizer=optimizer, sample=sample, trace=trace,
                               stages=stages)
+    if plan.tp > 1:
+        from meshwise.tensor import TensorEngine
+
+        return TensorEngine(model, plan, ctx, loss_fn=loss_fn, optimizer=optimizer, sample=sample)
     if plan.zero >= 2:
         from meshwise.zero import ShardedEngine
 
@@ -76,7 +80,8 @@ def parallelize(
 
 def _reject_unavailable(plan: Plan) -> None:
     missing = [
-        (plan.tp > 1, f"tp={plan.tp} (tensor parallelism)"),
+        (plan.tp > 1 and (plan.pp > 1 or plan.zero > 0), f"tp={plan.tp} with pp={plan.pp}, zero={plan.zero} "
+                                                          f"(tensor parallelism combined beyond dp)"),
         (plan.zero > 1 and plan.pp > 1, f"zero={plan.zero} with pp={plan.pp} (sharded gradients or parameters in a "
                                          f"pipeline; zero=1 works with pp)"),
     ]
@@ -225,8 +230,9 @@ class Engine:
         dataset, n, mine = self._predict_share(inputs, batch_size)
         model = self.model
         if self.dp_size > 1:
+            src = dist.get_global_rank(self.dp_group, 0)  # replica 0's rank in this rank's dp group
             for buffer in model.buffers():  # e.g. batch-norm statistics, which replicas update apart
-                dist.broadcast(torch.view_as_real(buffer) if buffer.is_complex() else buffer, 0, group=self.dp_group)
+                dist.broadcast(torch.view_as_real(buffer) if buffer.is_complex() else buffer, src, group=self.dp_group)
         was_training = model.training
         model.eval()
         counts = [len(s) for s in torch.arange(n).tensor_split(self.dp_size)]  # every rank's share, known

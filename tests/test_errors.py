@@ -26,7 +26,7 @@ def api_errors() -> dict[str, str]:
     sum_engine = mw.parallelize(mlp(), loss_fn=lambda o, t: F.cross_entropy(o, t, reduction="none"), optimizer=opt)
     return {
         "world": _message(lambda: mw.parallelize(mlp(), mw.Plan(dp=4), loss_fn=F.cross_entropy, optimizer=opt)),
-        "tp": _message(lambda: mw.parallelize(mlp(), mw.Plan(tp=2), loss_fn=F.cross_entropy, optimizer=opt)),
+        "tp": _message(lambda: mw.parallelize(mlp(), mw.Plan(tp=2, zero=1), loss_fn=F.cross_entropy, optimizer=opt)),
         "zero": _message(lambda: mw.parallelize(mlp(), "pp=2,zero=3", loss_fn=F.cross_entropy, optimizer=opt)),
         "shape": _message(lambda: engine.step((torch.zeros(4, 5), y[:4]))),
         "dtype": _message(lambda: engine.step((x[:4].double(), y[:4]))),
@@ -46,7 +46,7 @@ def errors() -> dict[str, str]:
 
 @pytest.mark.parametrize(("case", "words"), [
     ("world", ["ValueError", "needs 4 processes", "has 2"]),
-    ("tp", ["NotImplementedError", "tp=2", "not available yet"]),
+    ("tp", ["NotImplementedError", "tp=2 with pp=1, zero=1", "not available yet"]),
     ("zero", ["NotImplementedError", "zero=3 with pp=2", "not available yet", "zero=1 works with pp"]),
     ("shape", ["ValueError", "(B, 5) float32", "(B, 8) float32"]),
     ("dtype", ["ValueError", "float64", "float32"]),

@@ -84,7 +84,7 @@ def train(plan: str) -> list[dict]:
     return results
 
 
-@pytest.mark.parametrize(("plan", "world"), [("pp=2", 2), ("dp=2,pp=2,schedule=interleaved", 4), ("dp=2,zero=3", 2)])
+@pytest.mark.parametrize(("plan", "world"), [("pp=2", 2), ("dp=2,pp=2,schedule=interleaved", 4), ("dp=2,zero=3", 2), ("tp=2", 2)])
 def test_hugging_face_models_in_a_pipeline_match_one_process(plan: str, world: int) -> None:
     results = harness.run(train, world, (plan,), deadline=300)
     for r in results[0]:
