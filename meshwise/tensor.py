@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from meshwise import data, memory
 from meshwise import dist as mwdist
-from meshwise.engine import Engine, LossFn, OptimizerArg, _build_optimizer
+from meshwise.engine import Engine, LossFn, OptimizerArg
 from meshwise.plan import Plan
 
 ELEMENTWISE = (torch.nn.GELU, torch.nn.ReLU, torch.nn.SiLU, torch.nn.Tanh, torch.nn.Dropout, torch.nn.Identity,
@@ -225,14 +225,9 @@ class TensorEngine(Engine):
         if self.tensor_plan.sharded:
             parallelize_module(model, mesh["tp"], self.tensor_plan.styles())
         self._model = model
-        if isinstance(optimizer, torch.optim.Optimizer):  # built on the unsplit parameters: rebuild it
-            from meshwise.zero import _rebuilt, _warn_if_stateful
+        from meshwise.zero import optimizer_on
 
-            _warn_if_stateful(optimizer)
-            cls, defaults = _rebuilt(optimizer, f"tp={plan.tp}")
-            self.optimizer = cls(model.parameters(), **defaults)
-        else:
-            self.optimizer = _build_optimizer(optimizer, model)
+        self.optimizer = optimizer_on(optimizer, model, f"tp={plan.tp}")
         self._params = [p for p in model.parameters() if p.requires_grad]
 
     @property

@@ -50,6 +50,16 @@ def _warn_if_stateful(optimizer: torch.optim.Optimizer) -> None:
                       "optimizer=lambda params: ... and attach schedulers to engine.optimizer", stacklevel=3)
 
 
+def optimizer_on(optimizer: OptimizerArg | None, model: torch.nn.Module, what: str) -> torch.optim.Optimizer | None:
+    """The optimizer for a model whose parameters were replaced (sharded or split in place):
+    built by the function given, or the given optimizer rebuilt with its class and settings."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        _warn_if_stateful(optimizer)
+        cls, defaults = _rebuilt(optimizer, what)
+        return cls(model.parameters(), **defaults)
+    return _build_optimizer(optimizer, model)
+
+
 def shard_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, group: Any) -> torch.optim.Optimizer:
     """zero=1: the same optimizer class and settings, its state sharded over ``group``."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -93,12 +103,7 @@ class ShardedEngine(Engine):
                 fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
         self._model = model
-        if isinstance(optimizer, torch.optim.Optimizer):  # built on the unsharded parameters: rebuild it
-            _warn_if_stateful(optimizer)
-            cls, defaults = _rebuilt(optimizer, f"zero={plan.zero}")
-            self.optimizer = cls(model.parameters(), **defaults)
-        else:
-            self.optimizer = _build_optimizer(optimizer, model)
+        self.optimizer = optimizer_on(optimizer, model, f"zero={plan.zero}")
 
     @property
     def model(self) -> torch.nn.Module:
