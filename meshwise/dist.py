@@ -12,6 +12,7 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -126,3 +127,32 @@ def init(device: str | torch.device | None = None) -> Context:
         device=dev,
         backend=dist.get_backend(),
     )
+
+
+def sum_gradients(params: list[torch.nn.Parameter], group: Any, device: torch.device) -> None:
+    """All-reduce (sum) the gradients of ``params`` over ``group`` in one flat fp32 buffer.
+
+    A DTensor's gradient contributes its local shard. A parameter without a gradient sends
+    zeros and a flag, so every rank sends the same layout; it gets one afterwards only if
+    another rank had one (and stays without if none did).
+    """
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    grads = [None if p.grad is None else p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+             for p in params]
+    flags = torch.tensor([float(g is not None) for g in grads], device=device)
+    flat = torch.cat([(g if g is not None else torch.zeros_like(t)).reshape(-1).float() for g, t in zip(grads, local)]
+                     + [flags])  # summed in fp32, whatever the parameters' dtype
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for p, g, t, flag in zip(params, grads, local, flat[-len(params):].tolist()):
+        part = flat[offset:offset + t.numel()]
+        offset += t.numel()
+        if not flag:
+            continue
+        if g is not None:
+            g.copy_(part.view_as(g))
+        elif hasattr(p, "to_local"):
+            raise RuntimeError(f"a replica has a gradient for a parameter of shape {tuple(t.shape)} that this one "
+                               f"does not; replicas must run the same layers")
+        else:
+            p.grad = part.view_as(p).to(p.dtype)

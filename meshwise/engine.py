@@ -192,12 +192,8 @@ class Engine:
         local, total = self._begin_step(batch)
         if self.device.type != "cpu":
             batch = data.to_device(batch, self.device)
-        if local == 0:  # an uneven tail left this replica nothing: join the all-reduce with zeros
-            parts = [(self._placeholder(), 0)]
-        elif self.microbatches == 1:
-            parts = [(batch, local)]
-        else:
-            parts = [(p, data.batch_size_of(p)) for p in data.split(batch, self.microbatches)]
+        # an uneven tail that left this replica nothing joins the all-reduce with zeros
+        parts = self._parts(batch, local) or [(self._placeholder(), 0)]
         carried = []  # dp * (sum of per-sample losses) per micro-batch, without autograd history
         for i, (part, size) in enumerate(parts):
             inputs, targets = data.unpack(part)
@@ -256,6 +252,14 @@ class Engine:
         self._check(batch)
         local = data.batch_size_of(batch)
         return local, self._global_size(batch, local)
+
+    def _parts(self, batch: Any, local: int) -> list[tuple[Any, int]]:
+        """This replica's rows cut into the plan's micro-batches, with their sizes ([] if none)."""
+        if local == 0:
+            return []
+        if self.microbatches == 1:
+            return [(batch, local)]
+        return [(p, data.batch_size_of(p)) for p in data.split(batch, self.microbatches)]
 
     def _predict_share(self, inputs: Any, batch_size: int | None) -> tuple[Any, int, torch.Tensor]:
         """(dataset, its length, this replica's contiguous row indices) for predict."""

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -302,12 +303,20 @@ def partition(model: torch.nn.Module, sample: Any, stages: int, *, memory_limit:
     stage's parameter plus saved-activation bytes. ``print`` the result to see it.
     """
     inputs = data.unpack(sample)[0] if isinstance(sample, (tuple, list)) else sample
+    with untouched(model):
+        return _partition(model, inputs, stages, memory_limit)
+
+
+@contextmanager
+def untouched(model: torch.nn.Module) -> Iterator[None]:
+    """Run the model in train mode (to trace and time it as it trains), then leave its mode,
+    its buffers (batch-norm statistics) and the random stream as they were."""
     was_training = model.training
-    buffers = {name: b.clone() for name, b in model.named_buffers()}  # e.g. batch-norm statistics
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
     model.train()
     try:
-        with torch.random.fork_rng(devices=[]):  # tracing and timing draw no numbers from the user's stream
-            return _partition(model, inputs, stages, memory_limit)
+        with torch.random.fork_rng(devices=[]):
+            yield
     finally:
         model.train(was_training)
         with torch.no_grad():

@@ -43,7 +43,7 @@ from torch.distributed.pipelining import (
 from meshwise import data, memory
 from meshwise import dist as mwdist
 from meshwise.engine import Engine, LossFn, OptimizerArg, _build_optimizer
-from meshwise.partition import Partition, split_model
+from meshwise.partition import Partition, split_model, untouched
 from meshwise.plan import Plan
 from meshwise.trace import Recorder
 
@@ -125,17 +125,16 @@ class PipelineEngine(Engine):
         self.holds_last = self.num_stages - 1 in self.local_stages
         self.holds_first = 0 in self.local_stages
         self._groups = self._gradient_groups(model, modules)
-        params = self._local_parameters()
+        # a stage of parameter-free layers still gets an optimizer: over an empty placeholder
+        local = _Params(self._local_parameters() or [torch.nn.Parameter(torch.zeros(0))])
         if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
-            # a stage of parameter-free layers still gets an optimizer: over an empty placeholder
-            self.optimizer = _build_optimizer(optimizer, _Params(params or [torch.nn.Parameter(torch.zeros(0))]))
+            self.optimizer = _build_optimizer(optimizer, local)
         else:  # built on the whole model: parameters of other stages never get a gradient and stay put
             self.optimizer = _build_optimizer(optimizer, model)
         if plan.zero == 1 and self.optimizer is not None:  # each stage's optimizer state sharded over its replicas
             from meshwise.zero import shard_optimizer
 
-            self.optimizer = shard_optimizer(self.optimizer, _Params(params or [torch.nn.Parameter(torch.zeros(0))]),
-                                             self.dp_group)
+            self.optimizer = shard_optimizer(self.optimizer, local, self.dp_group)
         self._runners: dict[tuple[Any, ...], tuple[list[PipelineStage], Any]] = {}
         self._total = 1
         self.recorder = Recorder(self.rank, self.pp_rank, self.dp_rank) if trace or os.environ.get(TRACE_ENV) else None
@@ -149,7 +148,6 @@ class PipelineEngine(Engine):
         its own copy of the model at the same bounds."""
         inputs = data.unpack(sample)[0]
         inputs = data.map_tensors(lambda t: t.to(self.device), inputs)
-        model.to(self.device)
         message: list[Any] = [None]
         part = None
         if self.rank == 0:
@@ -170,7 +168,8 @@ class PipelineEngine(Engine):
             virtual = f"; schedule=interleaved puts {self.virtual} stages on each rank" if self.virtual > 1 else ""
             raise ValueError(f"plan {self.plan} (a pipeline of {self.num_stages} stages{virtual}): {value}")
         if part is None:
-            cut = _split_quietly(model, inputs)
+            with untouched(model):
+                cut = split_model(model, inputs)
             blocked = [(a, cut.crossings[a].why) for a, _ in value[1:] if not cut.crossings[a].ok]
             if blocked:
                 a, why = blocked[0]
@@ -362,15 +361,7 @@ class PipelineEngine(Engine):
 
     def _sync_gradients(self) -> None:
         for group, params in self._groups:
-            flags = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
-                              for p in params] + [flags])  # summed in fp32, whatever the parameters' dtype
-            dist.all_reduce(flat, group=group)
-            offset = 0
-            for p, flag in zip(params, flat[-len(params):].tolist()):
-                n = p.numel()
-                p.grad = flat[offset:offset + n].view_as(p).to(p.dtype) if flag else None
-                offset += n
+            mwdist.sum_gradients(params, group, self.device)
 
     # -- inference and state ---------------------------------------------------------------------
 
@@ -466,21 +457,6 @@ def _unleaf_inputs(module: torch.nn.Module) -> None:
         return forward(*args, **kwargs)
 
     module.forward = copied
-
-
-def _split_quietly(model: torch.nn.Module, inputs: Any) -> Any:
-    """``split_model`` in train mode, leaving buffers (batch-norm statistics) and the RNG as they were."""
-    was_training = model.training
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    model.train()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            return split_model(model, inputs)
-    finally:
-        model.train(was_training)
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
 
 
 def _given_bounds(given: Any, stages: int) -> tuple[tuple[int, int], ...]:

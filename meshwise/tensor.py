@@ -241,9 +241,7 @@ class TensorEngine(Engine):
         local, total = self._begin_step(batch)
         if self.device.type != "cpu":
             batch = data.to_device(batch, self.device)
-        parts = [] if local == 0 else (
-            [(batch, local)] if self.microbatches == 1
-            else [(p, data.batch_size_of(p)) for p in data.split(batch, self.microbatches)])
+        parts = self._parts(batch, local)
         loss_sum = torch.zeros((), device=self.device)
         for part, size in parts:
             inputs, targets = data.unpack(part)
@@ -253,7 +251,7 @@ class TensorEngine(Engine):
             loss_sum += loss.detach().float() * size
         reduced = dist.all_reduce(loss_sum, group=self.dp_group, async_op=True) if self.dp_size > 1 else None
         if self.dp_size > 1:
-            _sum_gradients(self._params, self.dp_group, self.device)
+            mwdist.sum_gradients(self._params, self.dp_group, self.device)
         self._grad_bytes = memory.grad_bytes(self._model)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -271,23 +269,3 @@ class TensorEngine(Engine):
         state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone()
                  for k, v in self._model.state_dict().items()}
         return state if self.is_main else None
-
-
-def _sum_gradients(params: list[torch.nn.Parameter], group: Any, device: torch.device) -> None:
-    """All-reduce (sum) every gradient over ``group`` in one flat buffer (a DTensor's local shard)."""
-    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad if p.grad is not None else None
-             for p in params]
-    shapes = [(p.to_local() if hasattr(p, "to_local") else p) for p in params]
-    flags = torch.tensor([float(g is not None) for g in grads], device=device)
-    flat = torch.cat([(g if g is not None else torch.zeros_like(s)).reshape(-1).float() for g, s in zip(grads, shapes)]
-                     + [flags])
-    dist.all_reduce(flat, group=group)
-    offset = 0
-    for p, g, s, flag in zip(params, grads, shapes, flat[-len(params):].tolist()):
-        n = s.numel()
-        if flag and g is not None:
-            g.copy_(flat[offset:offset + n].view_as(g))
-        elif flag:
-            raise RuntimeError(f"a replica has a gradient for a parameter of shape {tuple(s.shape)} that this one "
-                               f"does not; replicas must run the same layers")
-        offset += n

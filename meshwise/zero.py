@@ -118,9 +118,7 @@ class ShardedEngine(Engine):
         local, total = self._begin_step(batch)
         if self.device.type != "cpu":
             batch = data.to_device(batch, self.device)
-        parts = [] if local == 0 else (
-            [(batch, local)] if self.microbatches == 1
-            else [(p, data.batch_size_of(p)) for p in data.split(batch, self.microbatches)])
+        parts = self._parts(batch, local)
         parts += [(self._placeholder(), 0)] * (self.microbatches - len(parts))  # the same passes on every rank
         loss_sum = torch.zeros((), device=self.device)
         for i, (part, size) in enumerate(parts):
