@@ -8,8 +8,11 @@ in-memory store, so the same code path (process group, DDP) runs without any por
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -156,3 +159,16 @@ def sum_gradients(params: list[torch.nn.Parameter], group: Any, device: torch.de
                                f"does not; replicas must run the same layers")
         else:
             p.grad = part.view_as(p).to(p.dtype)
+
+
+@contextlib.contextmanager
+def quiet_gathers() -> Iterator[None]:
+    """Silence DTensor's note that gathering a 2-D sharded tensor (FSDP over tensor-parallel
+    shards) takes two all-gathers: true, expected, and of no use to the user."""
+    logger = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

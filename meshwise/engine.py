@@ -61,37 +61,20 @@ def parallelize(
         raise TypeError(f"parallelize expects a torch.nn.Module, got {type(model).__name__}")
     ctx = mwdist.init(device if device is not None else os.environ.get(mwdist.DEVICE_ENV))
     plan = resolve_plan(plan if plan is not None else os.environ.get(mwdist.PLAN_ENV) or None, ctx.world_size)
-    _reject_unavailable(plan)
-    if plan.pp > 1:
+    if plan.pp > 1:  # tensor parallelism and ZeRO inside the stages
         from meshwise.pipeline import PipelineEngine
 
         return PipelineEngine(model, plan, ctx, loss_fn=loss_fn, optimizer=optimizer, sample=sample, trace=trace,
                               stages=stages)
+    if plan.zero >= 2:  # with tensor parallelism inside the replicas
+        from meshwise.zero import ShardedEngine
+
+        return ShardedEngine(model, plan, ctx, loss_fn=loss_fn, optimizer=optimizer, sample=sample)
     if plan.tp > 1:
         from meshwise.tensor import TensorEngine
 
         return TensorEngine(model, plan, ctx, loss_fn=loss_fn, optimizer=optimizer, sample=sample)
-    if plan.zero >= 2:
-        from meshwise.zero import ShardedEngine
-
-        return ShardedEngine(model, plan, ctx, loss_fn=loss_fn, optimizer=optimizer, sample=sample)
     return Engine(model, plan, ctx, loss_fn=loss_fn, optimizer=optimizer, sample=sample)
-
-
-def _reject_unavailable(plan: Plan) -> None:
-    missing = [
-        (plan.tp > 1 and (plan.pp > 1 or plan.zero > 0), f"tp={plan.tp} with pp={plan.pp}, zero={plan.zero} "
-                                                          f"(tensor parallelism combined beyond dp)"),
-        (plan.zero > 1 and plan.pp > 1, f"zero={plan.zero} with pp={plan.pp} (sharded gradients or parameters in a "
-                                         f"pipeline; zero=1 works with pp)"),
-    ]
-    named = [text for cond, text in missing if cond]
-    if named:
-        raise NotImplementedError(
-            f"plan {plan} asks for {', '.join(named)}, not available yet in this version of "
-            f"meshwise; data and pipeline parallelism and ZeRO over dp are: use a plan such as "
-            f"dp={plan.dp * plan.tp},pp={plan.pp}"
-        )
 
 
 class Engine:

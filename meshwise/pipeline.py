@@ -24,12 +24,14 @@ Mesh layout: rank = dp_index * pp + pp_index (pipelines are consecutive ranks).
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.device_mesh import init_device_mesh
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.distributed.pipelining import (
@@ -102,18 +104,21 @@ class PipelineEngine(Engine):
         self._model = model
         self.virtual = VIRTUAL_STAGES if plan.schedule == "interleaved" else 1
         self.num_stages = plan.pp * self.virtual
-        mesh = init_device_mesh(self.device.type, (plan.dp, plan.pp), mesh_dim_names=("dp", "pp"))
+        mesh = init_device_mesh(self.device.type, (plan.dp, plan.pp, plan.tp), mesh_dim_names=("dp", "pp", "tp"))
         self.mesh = mesh
         self.dp_group = mesh.get_group("dp")
         self.pp_group = mesh.get_group("pp")
         self.dp_rank = mesh.get_local_rank("dp")
         self.pp_rank = mesh.get_local_rank("pp")
+        self.tp_rank = mesh.get_local_rank("tp")
         self.dp_size = plan.dp
         model.to(self.device)
         memory.broadcast_state(model, self.device)  # every replica and every copy of a tied weight starts equal
         self.partition = self._partition(model, sample, stages)
         modules = self.partition.stage_modules()
-        for module in modules:
+        self._fake = FakeTensorMode(allow_non_fake_inputs=True)
+        self._shape_modules = _fake_copies(modules, self._fake)  # for stage shapes, whatever wraps the real ones
+        for module in modules + self._shape_modules:
             memory.autocast_forward(module, self.device, plan.precision)
             if any(getattr(m, "inplace", False) for m in module.modules()):
                 _unleaf_inputs(module)
@@ -124,10 +129,22 @@ class PipelineEngine(Engine):
         self.stage_modules = {s: modules[s].to(self.device) for s in self.local_stages}
         self.holds_last = self.num_stages - 1 in self.local_stages
         self.holds_first = 0 in self.local_stages
-        self._groups = self._gradient_groups(model, modules)
+        mine = [self.stage_modules[s] for s in self.local_stages]
+        layout = self._tie_layout(model, modules)
+        if plan.tp > 1:  # this rank's stages' layers split over its tp ranks (DTensor styles)
+            from meshwise.tensor import split_tensors
+
+            self.tensor_plan = split_tensors(model, mesh["tp"], plan, within=mine, announce=self.is_main)
+        if plan.zero >= 2:
+            self._shard_stages(model, mine, mesh["dp"])
+        self._groups = self._gradient_groups(layout)
         # a stage of parameter-free layers still gets an optimizer: over an empty placeholder
         local = _Params(self._local_parameters() or [torch.nn.Parameter(torch.zeros(0))])
-        if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
+        if plan.tp > 1 or plan.zero >= 2:  # the parameters were replaced by DTensors: an optimizer on them
+            from meshwise.zero import optimizer_on
+
+            self.optimizer = optimizer_on(optimizer, local, f"plan {plan}")
+        elif callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
             self.optimizer = _build_optimizer(optimizer, local)
         else:  # built on the whole model: parameters of other stages never get a gradient and stay put
             self.optimizer = _build_optimizer(optimizer, model)
@@ -186,38 +203,74 @@ class PipelineEngine(Engine):
                   f"\n{part}", flush=True)
         return part
 
-    def _gradient_groups(self, model: torch.nn.Module,
-                         modules: list[torch.nn.Module]) -> list[tuple[Any, list[torch.nn.Parameter]]]:
-        """(process group, parameters) pairs to all-reduce after each step, the same order on every rank."""
-        pp, dp = self.plan.pp, self.plan.dp
+    def _shard_stages(self, model: torch.nn.Module, mine: list[torch.nn.Module], mesh: Any) -> None:
+        """zero=2 and 3: FSDP2 over the replicas on each block of this rank's stages, then on each
+        stage. A stage's parameters are gathered at its first forward of a step and resharded
+        after its last backward (torch's schedules drive this), so between steps each rank holds
+        1/dp of them. FSDP averages gradients over the replicas, so micro-batch weights are
+        scaled by dp (``_weighted_loss``) to make the sum the weights require."""
+        from meshwise.split import _candidates
+        from meshwise.zero import shard_blocks
+
+        seen: dict[int, int] = {}
+        for k, module in enumerate(mine):
+            for p in module.parameters():
+                if seen.setdefault(id(p), k) != k:
+                    raise ValueError(f"plan {self.plan}: two stages on one rank share a weight (tied embeddings), "
+                                     f"which FSDP cannot shard twice; use schedule=1f1b, or zero=1")
+        blocks = [block for _, block in _candidates(model)]
+        for module in mine:
+            inside = {id(m) for m in module.modules()}
+            shard_blocks([b for b in blocks if id(b) in inside], module, mesh, reshard=False)
+
+    def _tie_layout(self, model: torch.nn.Module, modules: list[torch.nn.Module]) -> dict[tuple[int, ...], list[Any]]:
+        """Which of this rank's parameters are summed with which pp ranks: ``{pp ranks: [(stage,
+        name)]}``, ``()`` for a stage's own. Found by identity before any splitting or sharding
+        replaces the parameters (a tied weight then becomes two objects), named to find them after."""
+        pp = self.plan.pp
         holders: dict[int, set[int]] = {}  # id(param) -> pp ranks whose stages use it
         for s, module in enumerate(modules):
             for p in module.parameters():
                 holders.setdefault(id(p), set()).add(s % pp)
-        canonical = [p for _, p in model.named_parameters() if id(p) in holders and p.requires_grad]
-        mine = {id(p) for s in self.local_stages for p in modules[s].parameters()}
-        tied: dict[tuple[int, ...], list[torch.nn.Parameter]] = {}
-        plain = []
-        for p in canonical:
-            ranks = tuple(sorted(holders[id(p)]))
-            if len(ranks) > 1:
-                tied.setdefault(ranks, [])
-                if id(p) in mine:
-                    tied[ranks].append(p)
-            elif id(p) in mine:
-                plain.append(p)
-        groups: list[tuple[Any, list[torch.nn.Parameter]]] = []
-        if dp > 1 and plain:
-            groups.append((self.dp_group, plain))
-        for ranks in sorted(tied):  # every rank creates every group, in the same order
-            members = sorted(d * pp + r for d in range(dp) for r in ranks)
-            group = dist.new_group(members)
-            if self.rank in members and tied[ranks]:
-                groups.append((group, tied[ranks]))
+        where: dict[int, tuple[int, str]] = {}
+        for s in self.local_stages:
+            for name, p in modules[s].named_parameters():
+                where.setdefault(id(p), (s, name))
+        layout: dict[tuple[int, ...], list[Any]] = {}
+        for _, p in model.named_parameters():
+            if id(p) in holders and p.requires_grad:
+                ranks = tuple(sorted(holders[id(p)]))
+                entries = layout.setdefault(ranks if len(ranks) > 1 else (), [])
+                if id(p) in where:
+                    entries.append(where[id(p)])
         self.tied_names = sorted(
             name for name, p in model.named_parameters(remove_duplicate=False)
             if len(holders.get(id(p), ())) > 1
         )
+        return layout
+
+    def _gradient_groups(self, layout: dict[tuple[int, ...], list[Any]]) -> list[tuple[Any, list[torch.nn.Parameter]]]:
+        """(process group, parameters) pairs to all-reduce after each step, the same order on every rank.
+
+        Without ZeRO a stage's gradients are summed over its replicas here; with zero >= 2 FSDP
+        has reduce-scattered them, and only tied weights' shards are summed, across stages."""
+        pp, dp, tp = self.plan.pp, self.plan.dp, self.plan.tp
+        sharded = self.plan.zero >= 2
+        named = {s: dict(self.stage_modules[s].named_parameters()) for s in self.local_stages}
+
+        def params(ranks: tuple[int, ...]) -> list[torch.nn.Parameter]:
+            return [named[s][name] for s, name in layout.get(ranks, [])]
+
+        groups: list[tuple[Any, list[torch.nn.Parameter]]] = []
+        if dp > 1 and params(()) and not sharded:
+            groups.append((self.dp_group, params(())))
+        for ranks in sorted(r for r in layout if r):  # every rank creates every group, in the same order
+            for t in range(tp):
+                for replicas in ([[d] for d in range(dp)] if sharded else [list(range(dp))]):
+                    members = sorted((d * pp + r) * tp + t for d in replicas for r in ranks)
+                    group = dist.new_group(members)
+                    if self.rank in members and params(ranks):
+                        groups.append((group, params(ranks)))
         return groups
 
     def _local_parameters(self) -> list[torch.nn.Parameter]:
@@ -262,18 +315,18 @@ class PipelineEngine(Engine):
     def _metas(self, microbatch: tuple[Any, ...], train: bool) -> list[tuple[tuple[Any, ...], tuple[Any, ...]]]:
         """Every stage's input and output shapes for one micro-batch, found by running the stages
         on fake tensors (no compute, no memory), so torch's stages need no shape exchange."""
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
         def meta(t: torch.Tensor, grad: bool) -> torch.Tensor:
             return torch.empty(t.shape, dtype=t.dtype, device="meta").requires_grad_(grad and t.is_floating_point())
 
         out = []
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.set_grad_enabled(train):
+        with self._fake as mode, torch.set_grad_enabled(train):
             h = tuple(mode.from_tensor(t) for t in microbatch)
-            for s, module in enumerate(self.all_stage_modules):
+            for s, module in enumerate(self._shape_modules):
                 if s:
                     h = tuple(t.detach().requires_grad_(train and t.is_floating_point()) for t in h)
                 result = module(*h)
+                if s == len(self._shape_modules) - 1:
+                    result = tree_flatten(result)[0]
                 result = tuple(result) if isinstance(result, (tuple, list)) else (result,)
                 out.append((tuple(meta(t, train and s > 0) for t in h), tuple(meta(t, train) for t in result)))
                 h = result
@@ -325,7 +378,8 @@ class PipelineEngine(Engine):
     def _weighted_loss(self, output: Any, target: Any) -> torch.Tensor:
         with memory.autocast(self.device, self.plan.precision):
             loss = self._loss(self._structured(output), target)
-        return loss * (data.batch_size_of(target) / self._total)
+        scale = self.dp_size if self.plan.zero >= 2 else 1  # FSDP averages over dp; the weights need a sum
+        return loss * (data.batch_size_of(target) * scale / self._total if self._total else 0.0)
 
     def step(self, batch: Any) -> float:
         """One pipelined forward/backward over this replica's share, gradient sync and optimizer step.
@@ -336,6 +390,9 @@ class PipelineEngine(Engine):
         loss_sum = torch.zeros((), device=self.device)
         if self.recorder is not None:
             self.recorder.begin_step(self.steps)
+        if not local and self.plan.zero >= 2:  # FSDP's collectives need every replica: a pass of weight 0
+            batch, local, total = self._placeholder(), data.batch_size_of(self._placeholder()), self._total
+            self._total = 0
         if local:
             batch = data.to_device(batch, self.device)
             inputs, targets = data.unpack(batch)
@@ -344,14 +401,17 @@ class PipelineEngine(Engine):
             _, schedule = self._runner(local // m, m, True, args)
             losses: list[torch.Tensor] = []
             schedule.step(*args, target=targets, losses=losses, return_outputs=False)
-            if self.holds_last:
-                loss_sum = torch.stack([x.detach().float() for x in losses]).sum()
+            if self.holds_last and self.tp_rank == 0 and self._total:
+                loss_sum = torch.stack([x.detach().float() for x in losses]).sum() / (
+                    self.dp_size if self.plan.zero >= 2 else 1)
+            if not self._total:
+                self._total = total
         # last stages hold their replica's share of the mean, others 0; asynchronous, so a stage
         # that finished early steps its optimizer while the first stage finishes its backward
         # (waiting first cost 10% of a step in bench/pp.py)
         reduced = dist.all_reduce(loss_sum, async_op=True)
         self._sync_gradients()
-        self._grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in self._local_parameters()
+        self._grad_bytes = sum(memory._local(p.grad).numel() * p.grad.element_size() for p in self._local_parameters()
                                if p.grad is not None)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -372,7 +432,11 @@ class PipelineEngine(Engine):
         A collective. Each replica runs a contiguous slice through its pipeline in eval
         mode, ``batch_size`` rows at a time; the last stages' outputs are gathered.
         """
-        dataset, _, mine = self._predict_share(inputs, batch_size)
+        dataset, n, mine = self._predict_share(inputs, batch_size)
+        kept = len(mine)
+        if self.plan.zero >= 2:  # FSDP's gathers are collectives of the replicas: every replica runs the
+            most = len(torch.arange(n).tensor_split(self.dp_size)[0])  # same chunks, padded with row 0
+            mine = torch.cat([mine, torch.zeros(most - kept, dtype=torch.long)])
         if self.dp_size > 1:  # e.g. batch-norm statistics, which replicas update apart: replica 0's
             src = dist.get_global_rank(self.dp_group, 0)
             for s in self.local_stages:
@@ -399,16 +463,20 @@ class PipelineEngine(Engine):
         finally:
             for s, module in self.stage_modules.items():
                 module.train(modes[s])
-        local = data.concat(outs) if outs else None
+                if self.plan.zero >= 2:
+                    from meshwise.zero import reshard
+
+                    reshard(module)  # back to shards, as after a training step
+        local = data.map_tensors(lambda t: t[:kept], data.concat(outs)) if outs and kept else None
         gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, (self.dp_rank, local) if self.holds_last else None)
+        dist.all_gather_object(gathered, (self.dp_rank, local) if self.holds_last and self.tp_rank == 0 else None)
         parts = sorted((g for g in gathered if g is not None and g[1] is not None), key=lambda g: g[0])
         return data.map_tensors(lambda t: t.to(self.device), data.concat([p for _, p in parts]))
 
     def state_bytes(self) -> dict[str, int]:
         """This rank's model-state bytes: its stages' parameters, their gradients (at the end of
         the last step's backward) and the optimizer state it holds."""
-        return {"parameters": sum(p.numel() * p.element_size() for p in self._local_parameters()),
+        return {"parameters": sum(memory._local(p).numel() * p.element_size() for p in self._local_parameters()),
                 "gradients": self._grad_bytes, "optimizer": memory.optimizer_bytes(self.optimizer)}
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -417,9 +485,12 @@ class PipelineEngine(Engine):
         A collective. It loads into the original, unwrapped model.
         """
         mine: dict[str, torch.Tensor] = {}
-        if self.dp_rank == 0:
-            for s in self.local_stages:
-                mine.update({k: v.detach().cpu() for k, v in self.stage_modules[s].state_dict().items()})
+        with mwdist.quiet_gathers():
+            for s in self.local_stages:  # split or sharded values gathered whole (a collective of the stage's ranks)
+                for k, v in self.stage_modules[s].state_dict().items():
+                    v = v.full_tensor() if hasattr(v, "full_tensor") else v
+                    if self.dp_rank == 0 and self.tp_rank == 0:
+                        mine[k] = v.detach().cpu()
         gathered: list[Any] = [None] * self.world_size if self.is_main else None
         dist.gather_object(mine, gathered, dst=0)
         if not self.is_main:
@@ -445,6 +516,19 @@ class PipelineEngine(Engine):
 
         events = [e for rank_events in gathered for e in rank_events]
         return trace.write(directory, events, f"plan {self.plan}")
+
+
+def _fake_copies(modules: list[torch.nn.Module], mode: FakeTensorMode) -> list[torch.nn.Module]:
+    """Copies of the stage modules whose parameters and buffers are fake tensors (shapes, no
+    storage): they give stage shapes for any micro-batch however the real stages are later
+    split or sharded. Weights shared between stages stay shared."""
+    memo: dict[int, Any] = {}
+    for module in modules:
+        for t in [*module.parameters(), *module.buffers()]:
+            if id(t) not in memo:
+                fake = mode.from_tensor(t)
+                memo[id(t)] = torch.nn.Parameter(fake, t.requires_grad) if isinstance(t, torch.nn.Parameter) else fake
+    return [copy.deepcopy(module, memo) for module in modules]
 
 
 def _unleaf_inputs(module: torch.nn.Module) -> None:

@@ -24,6 +24,7 @@ output is all-reduced within the replica.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,6 +200,27 @@ def _named_mlp(name: str, linears: dict[str, torch.nn.Linear], tp: int, decided:
             decided[_join(name, up)] = Decision(_join(name, up), "mlp in", "replicate", first.why)
 
 
+def split_tensors(model: torch.nn.Module, mesh: Any, plan: Plan, *, within: list[torch.nn.Module] | None = None,
+                  announce: bool = False) -> TensorPlan:
+    """Apply ``tensor_plan(model, plan.tp)`` in place on the 1-D ``mesh`` (the tp axis) with
+    DTensor's styles; ``within``: only layers inside these modules (a pipeline rank's stages)."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    decided = tensor_plan(model, plan.tp)
+    if announce:
+        print(f"meshwise: plan {plan}: {decided}", flush=True)
+    styles = decided.styles()
+    if within is not None:
+        local = {id(m) for module in within for m in module.modules()}
+        styles = {name: style for name, style in styles.items() if id(model.get_submodule(name)) in local}
+    if styles:
+        parallelize_module(model, mesh, styles)
+    elif not decided.sharded and announce:
+        warnings.warn(f"tp={plan.tp}: no layer of {type(model).__name__} can be split (see the tensor plan above), "
+                      f"so the tp ranks repeat the same work; use dp={plan.dp * plan.tp} instead", stacklevel=3)
+    return decided
+
+
 class TensorEngine(Engine):
     """Data x tensor parallelism on a 2-D (dp, tp) mesh: rank = dp_index * tp + tp_index.
 
@@ -211,7 +233,6 @@ class TensorEngine(Engine):
     def __init__(self, model: torch.nn.Module, plan: Plan, ctx: mwdist.Context, *, loss_fn: LossFn | None,
                  optimizer: OptimizerArg | None, sample: Any) -> None:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor.parallel import parallelize_module
 
         self._init_common(model, plan, ctx, loss_fn, sample)
         mesh = init_device_mesh(self.device.type, (plan.dp, plan.tp), mesh_dim_names=("dp", "tp"))
@@ -219,15 +240,13 @@ class TensorEngine(Engine):
         self.dp_rank, self.dp_size = mesh.get_local_rank("dp"), plan.dp
         model.to(self.device)
         memory.broadcast_state(model, self.device)
-        self.tensor_plan = tensor_plan(model, plan.tp)
-        if self.is_main:
-            print(f"meshwise: plan {plan}: {self.tensor_plan}", flush=True)
-        if self.tensor_plan.sharded:
-            parallelize_module(model, mesh["tp"], self.tensor_plan.styles())
+        self.tensor_plan = split_tensors(model, mesh["tp"], plan, announce=self.is_main)
         self._model = model
-        from meshwise.zero import optimizer_on
+        from meshwise.zero import optimizer_on, shard_optimizer
 
         self.optimizer = optimizer_on(optimizer, model, f"tp={plan.tp}")
+        if plan.zero == 1 and self.optimizer is not None:  # optimizer state sharded over the replicas
+            self.optimizer = shard_optimizer(self.optimizer, model, self.dp_group)
         self._params = [p for p in model.parameters() if p.requires_grad]
 
     @property

@@ -66,7 +66,68 @@ def shard_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, gr
 
     _warn_if_stateful(optimizer)
     cls, defaults = _rebuilt(optimizer, "zero=1")
-    return ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, process_group=group, **defaults)
+    params = list(model.parameters())
+    if any(hasattr(p, "to_local") for p in params):
+        return _LocalZero(params, optimizer_class=cls, process_group=group, **defaults)
+    return ZeroRedundancyOptimizer(params, optimizer_class=cls, process_group=group, **defaults)
+
+
+def _local_zero_class() -> type:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    class LocalZero(ZeroRedundancyOptimizer):
+        """zero=1 over tensor-parallel parameters (DTensors, which torch's ZeroRedundancyOptimizer
+        cannot broadcast): it works on plain parameters that share each DTensor's local shard
+        storage, so its in-place updates and broadcasts update the shards themselves."""
+
+        def __init__(self, params: list[torch.nn.Parameter], **kwargs: Any) -> None:
+            self._pairs = [(p, torch.nn.Parameter(p.to_local().detach(), p.requires_grad)
+                            if hasattr(p, "to_local") else p) for p in params]
+            super().__init__([view for _, view in self._pairs], **kwargs)
+
+        def step(self, closure: Any = None, **kwargs: Any) -> Any:
+            for p, view in self._pairs:
+                if view is not p:
+                    view.grad = None if p.grad is None else p.grad.to_local()
+            return super().step(closure, **kwargs)
+
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            super().zero_grad(set_to_none)
+            for p, view in self._pairs:
+                if view is not p:
+                    p.grad = None
+
+    return LocalZero
+
+
+def _LocalZero(params: list[torch.nn.Parameter], **kwargs: Any) -> torch.optim.Optimizer:  # noqa: N802
+    return _local_zero_class()(params, **kwargs)
+
+
+def shard_blocks(blocks: list[torch.nn.Module], root: torch.nn.Module, mesh: Any, *, reshard: bool) -> None:
+    """FSDP2 on each trainable block, then on ``root`` (which takes the rest). A block sharing a
+    weight with another (tied embeddings) stays with the root. Gradients are averaged over
+    the replicas, as DDP does."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = [block for block in blocks if any(p.requires_grad for p in block.parameters())]
+    owners: dict[int, int] = {}
+    for block in blocks:
+        for p in block.parameters():
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    for block in blocks:
+        if all(owners[id(p)] == 1 for p in block.parameters()):
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(root, mesh=mesh, reshard_after_forward=reshard)
+
+
+def reshard(module: torch.nn.Module) -> None:
+    """Free the gathered parameters of every FSDP module in ``module`` (local: no collective)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 class ShardedEngine(Engine):
@@ -83,25 +144,19 @@ class ShardedEngine(Engine):
         sample: Any,
     ) -> None:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
 
         from meshwise.split import _candidates
 
         self._init_common(model, plan, ctx, loss_fn, sample)
-        self.dp_rank, self.dp_size, self.dp_group = ctx.rank, plan.dp, dist.group.WORLD
         model.to(self.device)
         memory.broadcast_state(model, self.device)  # the shards must come from one model, as DDP ensures
-        mesh = init_device_mesh(self.device.type, (plan.dp,), mesh_dim_names=("dp",))
-        reshard = plan.zero == 3
-        blocks = [block for _, block in _candidates(model) if any(p.requires_grad for p in block.parameters())]
-        owners: dict[int, int] = {}
-        for block in blocks:
-            for p in block.parameters():
-                owners[id(p)] = owners.get(id(p), 0) + 1
-        for block in blocks:  # a block sharing a weight with another (tied embeddings) stays with the root
-            if all(owners[id(p)] == 1 for p in block.parameters()):
-                fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
-        fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+        mesh = init_device_mesh(self.device.type, (plan.dp, plan.tp), mesh_dim_names=("dp", "tp"))
+        self.dp_rank, self.dp_size, self.dp_group = mesh.get_local_rank("dp"), plan.dp, mesh.get_group("dp")
+        if plan.tp > 1:  # layers split over tp first; FSDP then shards the pieces over dp (2-D parameters)
+            from meshwise.tensor import split_tensors
+
+            self.tensor_plan = split_tensors(model, mesh["tp"], plan, announce=self.is_main)
+        shard_blocks([block for _, block in _candidates(model)], model, mesh["dp"], reshard=plan.zero == 3)
         self._model = model
         self.optimizer = optimizer_on(optimizer, model, f"zero={plan.zero}")
 
@@ -144,6 +199,7 @@ class ShardedEngine(Engine):
         chunks = list(mine.split(size)) if len(mine) else []
         outs = [self._forward_inputs(dataset, chunk) for chunk in chunks]
         spare = [self._forward_inputs(dataset, torch.arange(1)) for _ in range(passes - len(chunks))]
+        reshard(self._model)  # zero=2 keeps parameters gathered after forward: back to shards
         if outs:
             return data.concat(outs)
         return data.map_tensors(lambda t: t[:0], spare[0])
@@ -154,5 +210,7 @@ class ShardedEngine(Engine):
         A collective. It loads into the original, unwrapped model."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(self._model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        with mwdist.quiet_gathers():
+            state = get_model_state_dict(self._model, options=StateDictOptions(full_state_dict=True,
+                                                                               cpu_offload=True))
         return {k: v.clone() for k, v in state.items()} if self.is_main else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,13 @@ def _message(fn) -> str:
     return "no error"
 
 
+def _warning(fn) -> str:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return " | ".join(str(w.message) for w in caught) or "no warning"
+
+
 def api_errors() -> dict[str, str]:
     x, y = classification(16)
     opt = lambda p: torch.optim.SGD(p, lr=0.1)  # noqa: E731
@@ -26,8 +35,8 @@ def api_errors() -> dict[str, str]:
     sum_engine = mw.parallelize(mlp(), loss_fn=lambda o, t: F.cross_entropy(o, t, reduction="none"), optimizer=opt)
     return {
         "world": _message(lambda: mw.parallelize(mlp(), mw.Plan(dp=4), loss_fn=F.cross_entropy, optimizer=opt)),
-        "tp": _message(lambda: mw.parallelize(mlp(), mw.Plan(tp=2, zero=1), loss_fn=F.cross_entropy, optimizer=opt)),
-        "zero": _message(lambda: mw.parallelize(mlp(), "pp=2,zero=3", loss_fn=F.cross_entropy, optimizer=opt)),
+        "tp": _warning(lambda: mw.parallelize(torch.nn.Linear(8, 4), mw.Plan(tp=2), loss_fn=F.cross_entropy,
+                                              optimizer=opt)),
         "shape": _message(lambda: engine.step((torch.zeros(4, 5), y[:4]))),
         "dtype": _message(lambda: engine.step((x[:4].double(), y[:4]))),
         "pair": _message(lambda: engine.step(x[:4])),
@@ -46,8 +55,7 @@ def errors() -> dict[str, str]:
 
 @pytest.mark.parametrize(("case", "words"), [
     ("world", ["ValueError", "needs 4 processes", "has 2"]),
-    ("tp", ["NotImplementedError", "tp=2 with pp=1, zero=1", "not available yet"]),
-    ("zero", ["NotImplementedError", "zero=3 with pp=2", "not available yet", "zero=1 works with pp"]),
+    ("tp", ["tp=2: no layer of Linear can be split", "use dp=2 instead"]),
     ("shape", ["ValueError", "(B, 5) float32", "(B, 8) float32"]),
     ("dtype", ["ValueError", "float64", "float32"]),
     ("pair", ["TypeError", "(inputs, targets)"]),
