@@ -8,6 +8,7 @@ in-memory store, so the same code path (process group, DDP) runs without any por
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -118,6 +119,7 @@ def init(device: str | torch.device | None = None) -> Context:
             )
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            atexit.register(_destroy)  # ours to close: NCCL warns of leaked resources otherwise
     elif dev.type == "cuda" and "nccl" not in dist.get_backend():
         raise ValueError(
             f"the process group was created with backend {dist.get_backend()!r}, which cannot "
@@ -130,6 +132,11 @@ def init(device: str | torch.device | None = None) -> Context:
         device=dev,
         backend=dist.get_backend(),
     )
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def sum_gradients(params: list[torch.nn.Parameter], group: Any, device: torch.device) -> None:

@@ -93,10 +93,14 @@ class Engine:
         self._init_common(model, plan, ctx, loss_fn, sample)
         self.dp_rank, self.dp_size, self.dp_group = ctx.rank, plan.dp, dist.group.WORLD
         self._replica = _Replica(model).to(self.device)  # in place: optimizers built on model stay valid
-        self._ddp = DistributedDataParallel(
+        # one replica has nothing to synchronise: DDP would only copy gradients into its buckets
+        # (bench/gpu.py: 6% of a bf16 step on an H200). Gradients are views of DDP's buckets,
+        # so they take no memory of their own.
+        self._ddp: torch.nn.Module = self._replica if self.dp_size == 1 else DistributedDataParallel(
             self._replica,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             process_group=self.dp_group,
+            gradient_as_bucket_view=True,
         )
         self.optimizer = _build_optimizer(optimizer, model)
         if plan.zero == 1 and self.optimizer is not None:  # optimizer state sharded; DDP as before
@@ -182,7 +186,7 @@ class Engine:
             inputs, targets = data.unpack(part)
             weight = size * self.dp_size / total
             last = i == len(parts) - 1
-            with nullcontext() if last else self._ddp.no_sync():
+            with nullcontext() if last or self.dp_size == 1 else self._ddp.no_sync():
                 with memory.autocast(self.device, self.plan.precision):
                     loss = self._loss(data.call(self._ddp, inputs), targets)
                 objective = loss if weight == 1.0 else loss * weight
