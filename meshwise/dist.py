@@ -146,6 +146,9 @@ def sum_gradients(params: list[torch.nn.Parameter], group: Any, device: torch.de
     zeros and a flag, so every rank sends the same layout; it gets one afterwards only if
     another rank had one (and stays without if none did).
     """
+    for p in params:  # e.g. a row-parallel embedding's gradient comes back whole: sliced like its weight
+        if p.grad is not None and hasattr(p.grad, "placements") and p.grad.placements != p.placements:
+            p.grad = p.grad.redistribute(p.device_mesh, p.placements)
     local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
     grads = [None if p.grad is None else p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
              for p in params]

@@ -13,9 +13,15 @@
   in other modules, Linears named as up projections (``fc1``, ``up_proj``,
   ``gate_proj``, ``w1``, ``w3``...) with a down projection (``fc2``, ``down_proj``,
   ``w2``...): column-parallel then row-parallel, when ``tp`` divides the hidden width.
-* everything else stays **replicated**: norms, embeddings and the output head
-  (vocabulary-parallel embeddings are not implemented), layers no rule covers, and
-  layers ``tp`` does not divide. Replicated is never wrong; it only saves nothing.
+* **vocabulary**: the token embedding (the model's largest ``nn.Embedding``) row-parallel,
+  each rank holding 1/tp of the vocabulary's rows (ids outside a rank's rows give zeros;
+  the partial outputs are all-reduced), and an output head (a Linear from the embedding
+  width to the vocabulary) column-parallel with its logits gathered, so the loss sees
+  them whole. A head tied to the embedding (GPT-2's, BERT's) stays one weight: both
+  split it by vocabulary rows, the same way.
+* everything else stays **replicated**: norms, small embeddings (positions, token
+  types), embeddings with a ``padding_idx``, layers no rule covers, and layers ``tp``
+  does not divide. Replicated is never wrong; it only saves nothing.
 
 A user may override any module by name: ``overrides={"blocks.0.mlp.0": "replicate"}``.
 The split parts compute exactly what the whole layers compute; the row-parallel
@@ -73,10 +79,17 @@ class TensorPlan:
 
     def styles(self) -> dict[str, Any]:
         """The plan as torch's ``parallelize_module`` takes it."""
+        from torch.distributed.tensor import Replicate
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-        return {name: ColwiseParallel() if style == "colwise" else RowwiseParallel()
-                for name, style in self.sharded.items()}
+        out = {}
+        for d in self.decisions:
+            if d.style == "colwise":  # a vocabulary head's logits are gathered for the loss
+                out[d.name] = ColwiseParallel(output_layouts=Replicate()) if d.kind == "vocab head" else ColwiseParallel()
+            elif d.style == "rowwise":  # an embedding takes whole (replicated) ids
+                out[d.name] = RowwiseParallel(input_layouts=Replicate()) if d.kind in ("vocab embed", "Embedding") \
+                    else RowwiseParallel()
+        return out
 
 
 def tensor_plan(model: torch.nn.Module, tp: int, overrides: dict[str, str] | None = None) -> TensorPlan:
@@ -92,11 +105,12 @@ def tensor_plan(model: torch.nn.Module, tp: int, overrides: dict[str, str] | Non
         _named_mlp(name, linears, tp, decided)
         if isinstance(module, torch.nn.Sequential):
             _sequential_mlp(name, list(children.items()), tp, decided)
+    _vocabulary(model, tp, decided)
     for name, module in model.named_modules():
         if name and not list(module.children()) and name not in decided and any(True for _ in module.parameters()):
             kind = type(module).__name__
             if isinstance(module, torch.nn.Embedding):
-                why = "vocabulary-parallel embeddings are not implemented"
+                why = f"a small embedding ({module.num_embeddings} rows): kept whole"
             elif isinstance(module, torch.nn.Linear):
                 why = "a Linear no rule pairs up"
             elif "norm" in kind.lower():
@@ -115,8 +129,61 @@ def tensor_plan(model: torch.nn.Module, tp: int, overrides: dict[str, str] | Non
             raise ValueError(f"override {name}={style}: only Linear and Embedding layers can be split, "
                              f"{name} is a {type(module).__name__}")
         decided[name] = Decision(name, type(module).__name__, style, "set by the user")
+    _keep_ties(model, decided)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return TensorPlan(tp, tuple(sorted(decided.values(), key=lambda d: order[d.name])))
+
+
+def _vocabulary(model: torch.nn.Module, tp: int, decided: dict[str, Decision]) -> None:
+    """The token embedding row-parallel and output heads onto its vocabulary column-parallel."""
+    embeddings = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Embedding}
+    if not embeddings:
+        return
+    name, emb = max(embeddings.items(), key=lambda item: item[1].num_embeddings)
+    vocab, width = emb.num_embeddings, emb.embedding_dim
+    heads = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in decided
+             and m.out_features == vocab and m.in_features == width]
+    if emb.padding_idx is not None or emb.max_norm is not None or emb.sparse:
+        why = "the token embedding has padding_idx, max_norm or sparse gradients, which a vocabulary split changes"
+        style = None
+    elif vocab % tp:
+        why = f"vocabulary: tp={tp} does not divide its {vocab} rows"
+        style = None
+    else:
+        why = f"vocabulary, {vocab // tp} of {vocab} rows per rank"
+        style = "split"
+    decided[name] = Decision(name, "vocab embed", "rowwise" if style else "replicate", why)
+    for head in heads:
+        decided[head] = Decision(head, "vocab head", "colwise" if style else "replicate",
+                                 why + ("; logits gathered" if style else ""))
+
+
+def _keep_ties(model: torch.nn.Module, decided: dict[str, Decision]) -> None:
+    """A weight shared by modules (tied embeddings) is split only if every module that holds it
+    splits it the same way (by rows of the weight: row-parallel embedding, column-parallel
+    Linear); otherwise all of them keep it whole."""
+    rows = {("vocab embed", "rowwise"), ("Embedding", "rowwise"), ("vocab head", "colwise"),
+            ("mlp in", "colwise"), ("attn q", "colwise"), ("attn k", "colwise"), ("attn v", "colwise"),
+            ("Linear", "colwise")}
+    holders: dict[int, list[str]] = {}
+    for full, p in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(p), []).append(full.rpartition(".")[0])
+    changed = True
+    while changed:  # keeping one holder whole can make another tie mixed: until nothing changes
+        changed = False
+        for names in holders.values():
+            if len(names) < 2:
+                continue
+            ways = {(decided[n].kind, decided[n].style) if n in decided else ("", "replicate") for n in names}
+            if all(way in rows for way in ways) or all(style == "replicate" for _, style in ways):
+                continue
+            for n in names:
+                if n in decided and decided[n].style != "replicate":
+                    others = " and ".join(sorted({m or "the model" for m in names if m != n}))
+                    decided[n] = Decision(n, decided[n].kind, "replicate",
+                                          f"shares a weight with {others}, which cannot split it the same way: "
+                                          f"kept whole")
+                    changed = True
 
 
 def _join(parent: str, child: str) -> str:
@@ -210,15 +277,43 @@ def split_tensors(model: torch.nn.Module, mesh: Any, plan: Plan, *, within: list
     if announce:
         print(f"meshwise: plan {plan}: {decided}", flush=True)
     styles = decided.styles()
-    if within is not None:
-        local = {id(m) for module in within for m in module.modules()}
+    local = {id(m) for module in within for m in module.modules()} if within is not None else None
+    if local is not None:
         styles = {name: style for name, style in styles.items() if id(model.get_submodule(name)) in local}
     if styles:
+        tied = _tied_groups(model, local)
         parallelize_module(model, mesh, styles)
+        _retie(model, tied)
     elif not decided.sharded and announce:
         warnings.warn(f"tp={plan.tp}: no layer of {type(model).__name__} can be split (see the tensor plan above), "
                       f"so the tp ranks repeat the same work; use dp={plan.dp * plan.tp} instead", stacklevel=3)
     return decided
+
+
+def _tied_groups(model: torch.nn.Module, local: set[int] | None) -> list[list[tuple[str, str]]]:
+    """(module name, parameter name) of every weight held by more than one module (of those
+    whose ids are in ``local``: a pipeline rank's own; the others keep theirs)."""
+    holders: dict[int, list[tuple[str, str]]] = {}
+    for full, p in model.named_parameters(remove_duplicate=False):
+        module, _, attr = full.rpartition(".")
+        if local is None or id(model.get_submodule(module)) in local:
+            holders.setdefault(id(p), []).append((module, attr))
+    return [names for names in holders.values() if len(names) > 1]
+
+
+def _retie(model: torch.nn.Module, tied: list[list[tuple[str, str]]]) -> None:
+    """``parallelize_module`` gives each module its own new parameter: tied modules get one
+    again (the plan splits a tied weight the same way in all of them, see ``_keep_ties``)."""
+    for names in tied:
+        first = getattr(model.get_submodule(names[0][0]), names[0][1])
+        for module, attr in names[1:]:
+            other = getattr(model.get_submodule(module), attr)
+            if other is first:
+                continue
+            if getattr(other, "placements", None) != getattr(first, "placements", None):
+                raise ValueError(f"{names[0][0]}.{names[0][1]} and {module}.{attr} are one tied weight, split in "
+                                 f"two different ways; override both to 'replicate' or split them alike")
+            setattr(model.get_submodule(module), attr, first)
 
 
 class TensorEngine(Engine):

@@ -35,10 +35,12 @@ def test_the_plan_splits_attention_by_heads_and_mlp_pairs_and_says_why_the_rest_
     assert styles["blocks.0.attn.q"] == styles["blocks.0.attn.k"] == styles["blocks.0.attn.v"] == "colwise"
     assert styles["blocks.0.attn.proj"] == "rowwise"
     assert styles["blocks.0.mlp.0"] == "colwise" and styles["blocks.0.mlp.2"] == "rowwise"
-    assert styles["wte"] == "replicate" and "vocabulary-parallel" in next(d.why for d in plan.decisions if d.name == "wte")
+    assert styles["wte"] == "rowwise" and styles["head"] == "colwise"  # the vocabulary, tied: split alike
+    assert styles["wpe"] == "replicate" and "small embedding" in next(d.why for d in plan.decisions if d.name == "wpe")
     assert styles["blocks.0.ln1"] == "replicate"
     text = str(plan)
     assert "2 of 4 heads per rank" in text and "32 of 64 hidden units per rank" in text
+    assert "12 of 24 rows per rank; logits gathered" in text
     # 3 heads: tp=2 does not divide them, so attention stays whole, and the plan says so
     odd = mw.tensor_plan(GPT(GPTConfig(vocab=24, context=8, layers=1, hidden=12, heads=3)), tp=2)
     why = next(d.why for d in odd.decisions if d.name == "blocks.0.attn.q")
