@@ -139,6 +139,14 @@ def _destroy() -> None:
         dist.destroy_process_group()
 
 
+def match_layouts(params: list[torch.nn.Parameter]) -> None:
+    """Give each split weight's gradient the weight's own layout (a row-parallel embedding's
+    comes back whole), so that optimizers and sums see shards that match."""
+    for p in params:
+        if p.grad is not None and hasattr(p.grad, "placements") and p.grad.placements != p.placements:
+            p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+
+
 def sum_gradients(params: list[torch.nn.Parameter], group: Any, device: torch.device) -> None:
     """All-reduce (sum) the gradients of ``params`` over ``group`` in one flat fp32 buffer.
 
@@ -146,9 +154,7 @@ def sum_gradients(params: list[torch.nn.Parameter], group: Any, device: torch.de
     zeros and a flag, so every rank sends the same layout; it gets one afterwards only if
     another rank had one (and stays without if none did).
     """
-    for p in params:  # e.g. a row-parallel embedding's gradient comes back whole: sliced like its weight
-        if p.grad is not None and hasattr(p.grad, "placements") and p.grad.placements != p.placements:
-            p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+    match_layouts(params)
     local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
     grads = [None if p.grad is None else p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
              for p in params]
@@ -164,9 +170,10 @@ def sum_gradients(params: list[torch.nn.Parameter], group: Any, device: torch.de
             continue
         if g is not None:
             g.copy_(part.view_as(g))
-        elif hasattr(p, "to_local"):
-            raise RuntimeError(f"a replica has a gradient for a parameter of shape {tuple(t.shape)} that this one "
-                               f"does not; replicas must run the same layers")
+        elif hasattr(p, "to_local"):  # this replica had no rows (an uneven last batch): the others' sum
+            from torch.distributed.tensor import DTensor
+
+            p.grad = DTensor.from_local(part.view_as(t).to(p.dtype), p.device_mesh, p.placements, run_check=False)
         else:
             p.grad = part.view_as(p).to(p.dtype)
 

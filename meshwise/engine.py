@@ -94,8 +94,8 @@ class Engine:
         self.dp_rank, self.dp_size, self.dp_group = ctx.rank, plan.dp, dist.group.WORLD
         self._replica = _Replica(model).to(self.device)  # in place: optimizers built on model stay valid
         # one replica has nothing to synchronise: DDP would only copy gradients into its buckets
-        # (bench/gpu.py: 6% of a bf16 step on an H200). Gradients are views of DDP's buckets,
-        # so they take no memory of their own.
+        # (bench/gpu.py: 6% of a bf16 step and 0.8 GiB on an H200). With several replicas the
+        # gradients are views of DDP's buckets, not a second copy beside them.
         self._ddp: torch.nn.Module = self._replica if self.dp_size == 1 else DistributedDataParallel(
             self._replica,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,

@@ -15,6 +15,7 @@ adds:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -94,6 +95,8 @@ def _config(job: Job, run_dir: str) -> Any:
     else:
         backend, endpoint, rdzv = "static", job.rdzv_endpoint, {"rank": job.node_rank}
         local_addr = None
+    # shutdown_timeout (seconds between SIGTERM and SIGKILL for workers) is newer than torch 2.11
+    newer = {"shutdown_timeout": 5} if "shutdown_timeout" in {f.name for f in dataclasses.fields(LaunchConfig)} else {}
     return LaunchConfig(
         min_nodes=job.nnodes,
         max_nodes=job.nnodes,
@@ -107,7 +110,7 @@ def _config(job: Job, run_dir: str) -> Any:
         start_method="spawn",
         local_addr=local_addr,
         logs_specs=DefaultLogsSpecs(log_dir=os.path.join(run_dir, "logs")),
-        shutdown_timeout=5,
+        **newer,
     )
 
 

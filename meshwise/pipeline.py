@@ -154,7 +154,8 @@ class PipelineEngine(Engine):
             self.optimizer = shard_optimizer(self.optimizer, local, self.dp_group)
         self._runners: dict[tuple[Any, ...], tuple[list[PipelineStage], Any]] = {}
         self._total = 1
-        self.recorder = Recorder(self.rank, self.pp_rank, self.dp_rank) if trace or os.environ.get(TRACE_ENV) else None
+        self.recorder = (Recorder(self.rank, self.pp_rank, self.dp_rank, record=self.tp_rank == 0)
+                         if trace or os.environ.get(TRACE_ENV) else None)
         if self.recorder is not None and os.environ.get(TRACE_ENV):
             self.recorder.dump_at_exit(os.environ[TRACE_ENV])
 
@@ -212,12 +213,14 @@ class PipelineEngine(Engine):
         from meshwise.split import _candidates
         from meshwise.zero import shard_blocks
 
-        seen: dict[int, int] = {}
-        for k, module in enumerate(mine):
-            for p in module.parameters():
-                if seen.setdefault(id(p), k) != k:
-                    raise ValueError(f"plan {self.plan}: two stages on one rank share a weight (tied embeddings), "
-                                     f"which FSDP cannot shard twice; use schedule=1f1b, or zero=1")
+        for r in range(self.plan.pp):  # every rank checks every rank's stages, so all of them raise alike
+            seen: dict[int, int] = {}
+            for s in range(r, self.num_stages, self.plan.pp):
+                for p in self.all_stage_modules[s].parameters():
+                    if seen.setdefault(id(p), s) != s:
+                        raise ValueError(f"plan {self.plan}: stages {seen[id(p)]} and {s}, both on pipeline rank {r}, "
+                                         f"share a weight (tied embeddings), which FSDP cannot shard twice; use "
+                                         f"schedule=1f1b, or zero=1")
         blocks = [block for _, block in _candidates(model)]
         for module in mine:
             inside = {id(m) for m in module.modules()}
@@ -422,6 +425,8 @@ class PipelineEngine(Engine):
     def _sync_gradients(self) -> None:
         for group, params in self._groups:
             mwdist.sum_gradients(params, group, self.device)
+        if self.plan.tp > 1:
+            mwdist.match_layouts(self._local_parameters())
 
     # -- inference and state ---------------------------------------------------------------------
 

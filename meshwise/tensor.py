@@ -59,6 +59,8 @@ class Decision:
     kind: str
     style: str
     why: str
+    group: str = ""
+    """Modules split together (an attention's projections, an MLP pair): all or none. '' alone."""
 
 
 @dataclass(frozen=True)
@@ -215,7 +217,7 @@ def _attention(name: str, module: torch.nn.Module, linears: dict[str, torch.nn.L
         style = "split"
     for part, role in zip(parts, ("q", "k", "v", "out")):
         decided[part] = Decision(part, f"attn {role}", ("rowwise" if role == "out" else "colwise")
-                                 if style else "replicate", why)
+                                 if style else "replicate", why, name)
 
 
 def _pair(first: str, second: str, a: torch.nn.Linear, b: torch.nn.Linear, tp: int,
@@ -231,8 +233,8 @@ def _pair(first: str, second: str, a: torch.nn.Linear, b: torch.nn.Linear, tp: i
         decided[second] = Decision(second, "mlp out", "replicate", why)
         return
     why = f"{kind}, {width // tp} of {width} hidden units per rank"
-    decided[first] = Decision(first, "mlp in", "colwise", why)
-    decided[second] = Decision(second, "mlp out", "rowwise", why)
+    decided[first] = Decision(first, "mlp in", "colwise", why, first)
+    decided[second] = Decision(second, "mlp out", "rowwise", why, first)
 
 
 def _sequential_mlp(name: str, items: list[tuple[str, torch.nn.Module]], tp: int,
@@ -259,7 +261,7 @@ def _named_mlp(name: str, linears: dict[str, torch.nn.Linear], tp: int, decided:
     if any(linears[u].out_features != linears[down].in_features for u in ups):
         return
     for up in ups[1:]:  # gated MLPs (gate_proj, up_proj): every up projection column-parallel
-        decided[_join(name, up)] = Decision(_join(name, up), "mlp in", "colwise", "gated MLP")
+        decided[_join(name, up)] = Decision(_join(name, up), "mlp in", "colwise", "gated MLP", _join(name, ups[0]))
     _pair(_join(name, ups[0]), _join(name, down), linears[ups[0]], linears[down], tp, decided, "MLP")
     first = decided[_join(name, ups[0])]
     if first.style == "replicate":
@@ -278,8 +280,11 @@ def split_tensors(model: torch.nn.Module, mesh: Any, plan: Plan, *, within: list
         print(f"meshwise: plan {plan}: {decided}", flush=True)
     styles = decided.styles()
     local = {id(m) for module in within for m in module.modules()} if within is not None else None
-    if local is not None:
-        styles = {name: style for name, style in styles.items() if id(model.get_submodule(name)) in local}
+    if local is not None:  # a group (column- then row-parallel) is split only if this rank runs all of it
+        inside = {d.name: id(model.get_submodule(d.name)) in local for d in decided.decisions}
+        apart = {d.group for d in decided.decisions if d.group and not inside[d.name]}
+        styles = {d.name: styles[d.name] for d in decided.decisions
+                  if d.name in styles and inside[d.name] and d.group not in apart}
     if styles:
         tied = _tied_groups(model, local)
         parallelize_module(model, mesh, styles)
@@ -366,6 +371,8 @@ class TensorEngine(Engine):
         reduced = dist.all_reduce(loss_sum, group=self.dp_group, async_op=True) if self.dp_size > 1 else None
         if self.dp_size > 1:
             mwdist.sum_gradients(self._params, self.dp_group, self.device)
+        else:
+            mwdist.match_layouts(self._params)
         self._grad_bytes = memory.grad_bytes(self._model)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

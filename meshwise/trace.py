@@ -28,8 +28,9 @@ KEEP_STEPS = 10
 class Recorder:
     """This rank's spans for the last ``keep`` steps."""
 
-    def __init__(self, rank: int, pp_rank: int, dp_rank: int, keep: int = KEEP_STEPS) -> None:
+    def __init__(self, rank: int, pp_rank: int, dp_rank: int, keep: int = KEEP_STEPS, record: bool = True) -> None:
         self.rank, self.pp_rank, self.dp_rank, self.keep = rank, pp_rank, dp_rank, keep
+        self.record = record  # False on all but one of a stage's tensor-parallel ranks: one lane per stage
         self.events: list[dict[str, Any]] = []
         self.step = -1
 
@@ -39,6 +40,9 @@ class Recorder:
 
     @contextmanager
     def span(self, kind: str, stage: int, microbatch: int) -> Iterator[None]:
+        if not self.record:
+            yield
+            return
         start = time.time()
         try:
             yield

@@ -8,6 +8,10 @@
   the parameters are gathered once per step and kept for backward.
 * ``zero=3``: the same, resharded after forward: parameters are gathered block by block
   in forward and again in backward, so at rest each rank holds 1/dp of everything.
+  (Inside a pipeline, zero=2 and 3 both gather a stage once per step: see pipeline.py.)
+
+With tensor parallelism (``tp > 1``) FSDP2 shards the split pieces over the replicas
+(2-D parameters), and ``zero=1`` runs torch's optimizer on plain views of the shards.
 
 The update is the single-process one, with the same weighting as plain data
 parallelism (FSDP2 averages gradients over the replicas as DDP does). FSDP's
@@ -86,6 +90,7 @@ def _local_zero_class() -> type:
             super().__init__([view for _, view in self._pairs], **kwargs)
 
         def step(self, closure: Any = None, **kwargs: Any) -> Any:
+            mwdist.match_layouts([p for p, _ in self._pairs])
             for p, view in self._pairs:
                 if view is not p:
                     view.grad = None if p.grad is None else p.grad.to_local()
