@@ -12,7 +12,7 @@ $(BIN)/python:
 # torch first: a wheel already on this machine (pip's find-links) wins over a download
 # of several GB; with none, the registry's build is installed by the next line.
 $(VENV)/.demo: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q --no-index --no-deps "torch>=2.6" 2>/dev/null || true
+	$(BIN)/pip install -q --no-index --no-deps "torch>=2.11" 2>/dev/null || true
 	$(BIN)/pip install -q -e ".[demo]"
 	touch $@
 
