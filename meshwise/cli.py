@@ -55,7 +55,82 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--trace", metavar="DIR", help="gpt: write the pipeline timeline (trace.json, trace.png) to DIR")
     demo.add_argument("--batch-size", type=int, default=None, help="global batch (default 64)")
     demo.add_argument("--out", help="run directory (default runs/demo-TIMESTAMP-XXXX)")
+    plan = sub.add_parser("plan", help="rank plans by predicted step time and memory (simulation: --transformer)",
+                          description="Search data, pipeline and tensor degrees, ZeRO, schedule, micro-batches and "
+                                      "recomputation for a transformer described by numbers, on simulated hardware.")
+    plan.add_argument("--transformer", metavar="SPEC", required=True,
+                      help="layers=..,hidden=..,heads=..,seq=..,vocab=..[,ffn=..]")
+    plan.add_argument("--batch", type=int, required=True, help="global batch, in sequences")
+    plan.add_argument("--devices", type=int, required=True, help="devices in the cluster")
+    plan.add_argument("--hardware", default="h100", help="a100-40gb, a100-80gb, h100, h200 or cpu (default h100)")
+    plan.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                      help="bf16: mixed-precision Adam (default); fp32: fp32 Adam")
+    plan.add_argument("--memory", help="memory budget per device, e.g. 40GB (default: the hardware's)")
+    plan.add_argument("--evaluate", metavar="SPEC", help="fix these plan fields (dp=..,tp=..,pp=..) and search the rest")
+    plan.add_argument("--top", type=int, default=10, help="plans to show (default 10)")
+    plan.add_argument("--json", action="store_true", help="print JSON (docs/planner.md) instead of a table")
     return parser
+
+
+def _plan_command(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
+    from meshwise.cost import GB, HARDWARE, Workload
+    from meshwise.search import dumps, search, table
+
+    try:
+        fields = _spec(ns.transformer, "--transformer", ("layers", "hidden", "heads", "seq", "vocab", "ffn"))
+        missing = [k for k in ("layers", "hidden", "heads", "seq", "vocab") if k not in fields]
+        if missing:
+            raise ValueError(f"--transformer needs {', '.join(missing)} (e.g. layers=32,hidden=4096,heads=32,"
+                             f"seq=4096,vocab=32000)")
+        work = Workload.transformer(**fields)
+        if ns.hardware not in HARDWARE:
+            raise ValueError(f"--hardware {ns.hardware!r} is unknown: use one of {', '.join(HARDWARE)}")
+        hw = HARDWARE[ns.hardware]
+        budget = _bytes(ns.memory) if ns.memory else hw.memory
+        fixed = Plan.parse(ns.evaluate).to_dict() if ns.evaluate else None
+        if fixed is not None:  # only the fields the spec names are fixed
+            named = {part.split("=", 1)[0].strip() for part in ns.evaluate.split(",") if part.strip()}
+            fixed = {k: v for k, v in fixed.items() if k in named}
+        if ns.top < 1:
+            raise ValueError(f"--top={ns.top} is invalid: it must be >= 1")
+        results = search(work, hw, ns.devices, ns.batch, precision=ns.precision, budget=budget, fixed=fixed)
+    except ValueError as error:
+        parser.error(str(error))
+    if ns.json:
+        print(dumps(results, ns.top))
+    else:
+        print(f"{work.name}, {work.params / 1e9:.2f}B parameters; {ns.devices} x {hw.name}, "
+              f"budget {budget / GB:.1f} GB per device; global batch {ns.batch}; {ns.precision}")
+        print(table(results, ns.top, budget))
+    return 0
+
+
+def _spec(text: str, option: str, names: tuple[str, ...]) -> dict[str, int]:
+    out = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in names:
+            raise ValueError(f"{option} {text!r}: {part!r} is not one of {', '.join(n + '=N' for n in names)}")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            raise ValueError(f"{option} {text!r}: {key}={value!r} is not an integer") from None
+        if out[key] < 1:
+            raise ValueError(f"{option} {text!r}: {key}={value} must be >= 1")
+    return out
+
+
+def _bytes(text: str) -> float:
+    units = {"GB": 1e9, "GIB": 2**30, "MB": 1e6, "MIB": 2**20, "TB": 1e12}
+    upper = text.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if upper.endswith(unit):
+            try:
+                return float(upper[: -len(unit)]) * factor
+            except ValueError:
+                break
+    raise ValueError(f"--memory {text!r} is not a size such as 16GB, 40GiB or 512MB")
 
 
 def _job(parser: argparse.ArgumentParser, ns: argparse.Namespace, default_nproc: int, **extra: object) -> tuple[Job, str | None]:
@@ -141,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         if ns.out:
             command += ["--out", ns.out]
         return run_command(command, job, plan=plan, device=ns.device)
+    if ns.command == "plan":
+        return _plan_command(parser, ns)
     parser.error(f"unknown command {ns.command!r}")
     return 2
 

@@ -46,7 +46,7 @@ from meshwise import data, memory
 from meshwise import dist as mwdist
 from meshwise.engine import Engine, LossFn, OptimizerArg, _build_optimizer
 from meshwise.partition import Partition, split_model, untouched
-from meshwise.plan import Plan
+from meshwise.plan import Plan, interleaved_rounds_ok
 from meshwise.trace import Recorder
 
 VIRTUAL_STAGES = 2
@@ -56,12 +56,6 @@ TRACE_ENV = "MESHWISE_TRACE"
 
 RUNNERS_KEPT = 8
 """Stage sets kept for distinct micro-batch shapes (training and predict)."""
-
-
-def interleaved_rounds_ok(microbatches: int, pp: int) -> bool:
-    """torch's interleaved 1F1B runs micro-batches in rounds of pp: m must be a multiple of max(1, m // pp)."""
-    rounds = max(1, microbatches // pp)
-    return microbatches % rounds == 0
 
 
 def check_plan(plan: Plan) -> None:

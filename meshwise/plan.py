@@ -163,3 +163,9 @@ def resolve_plan(plan: Plan | str | None, world_size: int) -> Plan:
         )
     return plan
 
+
+
+def interleaved_rounds_ok(microbatches: int, pp: int) -> bool:
+    """torch's interleaved 1F1B runs micro-batches in rounds of pp: m must be a multiple of max(1, m // pp)."""
+    rounds = max(1, microbatches // pp)
+    return microbatches % rounds == 0

@@ -1,0 +1,398 @@
+"""The cost model: step time and memory per device of any Plan, from numbers alone.
+
+Pure Python (no torch, no processes), so a laptop can plan a cluster of thousands of
+GPUs. Three inputs:
+
+* a **Workload**: per-layer forward FLOPs, parameters and saved-activation bytes per
+  sample, plus the embedding/head (``Workload.transformer`` builds one from layers,
+  hidden, heads, ffn, sequence and vocabulary);
+* a **Hardware** preset (``HARDWARE``): peak FLOP/s per precision, memory, and links;
+* a **Plan** and the global batch.
+
+``estimate`` returns an ``Estimate``: step time split into compute, exposed
+communication and pipeline bubble, throughput, achieved TFLOP/s, and memory per
+device split into parameters, gradients, optimizer state and activations. The
+pipeline's timing comes from **simulating the schedule's order of actions**
+(``simulate``), not from the bubble formula alone.
+
+Conventions, stated once:
+
+* FLOPs are model FLOPs: 2 per multiply-add, backward = 2 x forward, recomputation not
+  counted. That is how published TFLOP/s figures (Megatron-LM's) count them.
+* Mixed-precision Adam (``precision="bf16"``): 2 bytes of bf16 weights, 2 of bf16
+  gradients and 12 of fp32 optimizer state (master weights and two moments) per
+  parameter, so 16P in all. ZeRO shards it over dp replicas: zero=1 4P + 12P/dp,
+  zero=2 2P + 14P/dp, zero=3 16P/dp. ``precision="fp32"``: 4 + 4 + 8 bytes.
+* Activations saved for backward per layer and sample follow Korthikanti et al. 2022
+  ("Reducing Activation Recomputation in Large Transformer Models"), for 2-byte
+  activations and attention by a fused kernel that keeps no s x s scores (as
+  ``scaled_dot_product_attention`` and FlashAttention do): s*h*(10 + 24/t) bytes with
+  tensor parallelism t; with full recomputation only the layer's input, 2*s*h. fp32
+  doubles them.
+* Collectives are ring collectives: an all-reduce of B bytes over n ranks moves
+  2(n-1)/n * B over the slowest link in the group, plus a latency per step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from meshwise.plan import Plan, interleaved_rounds_ok
+
+GB = 1e9
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One kind of device and the links between them."""
+
+    name: str
+    flops: dict[str, float]
+    """Peak dense FLOP/s per precision ("bf16", "fp32")."""
+    memory: float
+    """Bytes of device memory."""
+    intra_bw: float
+    """Bytes/s per device, one direction, between devices of one node (NVLink)."""
+    inter_bw: float
+    """Bytes/s per device, one direction, between nodes (InfiniBand)."""
+    devices_per_node: int
+    latency: float = 10e-6
+    """Seconds per collective step."""
+    efficiency: float = 0.65
+    """Fraction of peak FLOP/s that matrix products reach: 0.65 fits Megatron-LM's published
+    H100 runs best (docs/planner.md); the other GPU presets assume the same."""
+    reserved: float = 2 * GIB
+    """Memory the framework and the allocator take beside the model (CUDA context, fragmentation)."""
+    memory_bw: float = 2e12
+    """Bytes/s of device memory, for the optimizer step."""
+
+
+HARDWARE: dict[str, Hardware] = {
+    # NVIDIA datasheets (dense, without sparsity); links: NVLink per direction, 1 HDR/NDR NIC per GPU
+    "a100-40gb": Hardware("a100-40gb", {"bf16": 312e12, "fp32": 19.5e12}, 40 * GB, 300 * GB, 25 * GB, 8,
+                          memory_bw=1.55e12),
+    "a100-80gb": Hardware("a100-80gb", {"bf16": 312e12, "fp32": 19.5e12}, 80 * GB, 300 * GB, 25 * GB, 8,
+                          memory_bw=2.0e12),
+    "h100": Hardware("h100", {"bf16": 989e12, "fp32": 67e12}, 80 * GB, 450 * GB, 50 * GB, 8, memory_bw=3.35e12),
+    "h200": Hardware("h200", {"bf16": 989e12, "fp32": 67e12}, 141 * GB, 450 * GB, 50 * GB, 8, memory_bw=4.8e12),
+    # this kind of development machine: 2 CPU cores, one process per core, gloo over loopback
+    "cpu": Hardware("cpu", {"bf16": 20e9, "fp32": 40e9}, 24 * GB, 2 * GB, 2 * GB, 2, latency=50e-6,
+                    efficiency=0.5, reserved=0.5 * GIB, memory_bw=10e9),
+}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One pipeline-cuttable layer's cost per sample."""
+
+    name: str
+    flops: float
+    """Forward FLOPs per sample (all tp ranks together)."""
+    params: float
+    act_bytes: float
+    """Bytes saved for backward per sample, 2-byte activations, no tensor parallelism."""
+    act_bytes_tp: float = 0.0
+    """The part of ``act_bytes`` that tensor parallelism divides by tp."""
+    tp_comm_bytes: float = 0.0
+    """Bytes per sample all-reduced across tp ranks in forward (as many again in backward)."""
+    recompute_bytes: float = 0.0
+    """Bytes per sample kept with recomputation (the layer's input)."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one sample costs, layer by layer, and the boundaries a pipeline may cut at."""
+
+    name: str
+    layers: tuple[Layer, ...]
+    output_bytes: float
+    """Bytes per sample a pipeline stage sends to the next (2-byte activations)."""
+    heads: int = 0
+    """Attention heads: tensor parallelism must divide them (0: no constraint)."""
+    tokens: int = 1
+    """Tokens per sample."""
+    extra_first: tuple[Layer, ...] = ()
+    """Layers that stay on the first stage (embeddings)."""
+    extra_last: tuple[Layer, ...] = ()
+    """Layers that stay on the last stage (final norm, output head and loss)."""
+
+    @property
+    def params(self) -> float:
+        return sum(x.params for x in (*self.extra_first, *self.layers, *self.extra_last))
+
+    @property
+    def flops(self) -> float:
+        """Model FLOPs per sample, forward and backward (3x forward)."""
+        return 3 * sum(x.flops for x in (*self.extra_first, *self.layers, *self.extra_last))
+
+    @classmethod
+    def transformer(cls, *, layers: int, hidden: int, heads: int, seq: int, vocab: int, ffn: int | None = None,
+                    tied: bool = True) -> Workload:
+        """A GPT-style decoder: per layer attention (4 h x h projections) and an MLP (h -> ffn -> h)."""
+        h, s, a, f = hidden, seq, heads, ffn or 4 * hidden
+        mlp_extra = 4 * s * (f - 4 * h)  # Korthikanti's 19sh for the MLP assumes ffn = 4h
+        block = Layer(
+            name="block",
+            flops=2 * s * (4 * h * h + 2 * h * f) + 4 * s * s * h,
+            params=4 * h * h + 2 * h * f + 4 * h + f + 5 * h,
+            act_bytes=34 * s * h + mlp_extra,
+            act_bytes_tp=24 * s * h + mlp_extra,
+            tp_comm_bytes=2 * (2 * s * h),
+            recompute_bytes=2 * s * h,
+        )
+        embed = Layer("embedding", flops=0.0, params=vocab * h, act_bytes=0.0)
+        head = Layer("head", flops=2 * s * h * vocab, params=0.0 if tied else vocab * h,
+                     act_bytes=4 * s * vocab, act_bytes_tp=4 * s * vocab, tp_comm_bytes=0.0)
+        return cls(name=f"transformer l={layers} h={h} a={a} s={s} V={vocab}", layers=(block,) * layers,
+                   output_bytes=2 * s * h, heads=heads, tokens=s, extra_first=(embed,), extra_last=(head,))
+
+
+@dataclass(frozen=True)
+class Memory:
+    parameters: float
+    gradients: float
+    optimizer: float
+    activations: float
+    reserved: float
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.reserved
+
+
+@dataclass(frozen=True)
+class Estimate:
+    plan: Plan
+    feasible: bool
+    reason: str
+    step_time: float = math.inf
+    compute: float = 0.0
+    communication: float = 0.0
+    bubble: float = 0.0
+    samples_per_s: float = 0.0
+    tokens_per_s: float = 0.0
+    tflops_per_device: float = 0.0
+    memory: Memory | None = None
+    notes: tuple[str, ...] = field(default=())
+
+
+BYTES = {"bf16": (2, 2, 12), "fp32": (4, 4, 8)}
+"""(parameter, gradient, optimizer-state) bytes per parameter: mixed-precision Adam, fp32 Adam."""
+
+
+def model_state_bytes(params: float, zero: int, dp: int, precision: str = "bf16") -> tuple[float, float, float]:
+    """(parameters, gradients, optimizer) bytes per device for ``params`` parameters under ZeRO."""
+    p, g, o = (params * b for b in BYTES[precision])
+    if zero >= 1:
+        o /= dp
+    if zero >= 2:
+        g /= dp
+    if zero >= 3:
+        p /= dp
+    return p, g, o
+
+
+def allreduce_time(nbytes: float, n: int, bw: float, latency: float) -> float:
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    return 2 * (n - 1) / n * nbytes / bw + 2 * (n - 1) * latency
+
+
+def gather_time(nbytes: float, n: int, bw: float, latency: float) -> float:
+    """An all-gather (or reduce-scatter) whose whole result is ``nbytes``."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    return (n - 1) / n * nbytes / bw + (n - 1) * latency
+
+
+def _stage_layers(count: int, stages: int) -> list[int]:
+    """Layers per stage, as even as can be (the earlier stages take the remainder)."""
+    base, extra = divmod(count, stages)
+    return [base + (1 if i < extra else 0) for i in range(stages)]
+
+
+def estimate(work: Workload, plan: Plan, hw: Hardware, batch: int, *, budget: float | None = None,
+             sequence_parallel: bool = False) -> Estimate:
+    """Predicted step time and memory per device of ``plan`` for global batches of ``batch`` samples.
+
+    ``sequence_parallel``: model Megatron's sequence parallelism (norms and dropout on
+    sequence shards, so all of a layer's activations divide by tp). meshwise does not
+    implement it; it is here to compare with published runs that used it."""
+    plan = plan.resolved()
+    dp, pp, tp, m = plan.dp, plan.pp, plan.tp, plan.microbatches or 1
+    budget = hw.memory if budget is None else budget
+    reason = _infeasible(work, plan, batch)
+    if reason:
+        return Estimate(plan, False, reason)
+    v = 2 if plan.schedule == "interleaved" and pp > 1 else 1
+    b = batch // (dp * m)  # samples per micro-batch
+    scale = 2 if plan.precision == "fp32" else 1  # fp32 activations are twice as large
+    peak = hw.flops[plan.precision] * hw.efficiency
+    counts = _stage_layers(len(work.layers), pp * v)
+    chunks: list[list[Layer]] = []
+    start = 0
+    for c in counts:
+        chunks.append(list(work.layers[start:start + c]))
+        start += c
+    chunks[0] = [*work.extra_first, *chunks[0]]
+    chunks[-1] = [*chunks[-1], *work.extra_last]
+    tp_bw = hw.intra_bw if tp <= hw.devices_per_node else hw.inter_bw
+    pp_bw = hw.intra_bw if tp * pp <= hw.devices_per_node else hw.inter_bw
+    dp_bw = hw.intra_bw if dp * pp * tp <= hw.devices_per_node else hw.inter_bw
+
+    fwd, bwd, acts, params = [], [], [], []
+    for chunk in chunks:
+        flops = sum(x.flops for x in chunk) * b / tp
+        comm = sum(allreduce_time(x.tp_comm_bytes * b * scale, tp, tp_bw, hw.latency) for x in chunk)
+        # element-wise work (norms, activations, residuals) is bound by memory: its bytes once
+        # written and read in forward, twice in backward
+        stream = sum(x.act_bytes for x in chunk) * b * scale / tp / hw.memory_bw
+        f = flops / peak + stream + comm
+        fwd.append(f)
+        bwd.append(2 * (flops / peak + stream) + comm + (f if plan.checkpointing else 0.0))
+        per_sample = sum((x.recompute_bytes if plan.checkpointing and x.recompute_bytes else
+                          x.act_bytes / tp if sequence_parallel else x.act_bytes - x.act_bytes_tp + x.act_bytes_tp / tp)
+                         for x in chunk)
+        acts.append(per_sample * b * scale)
+        params.append(sum(x.params for x in chunk) / tp)
+    p2p = work.output_bytes * b * scale / tp / pp_bw + hw.latency if pp > 1 else 0.0
+    # one stage: gradient accumulation runs each micro-batch's forward and backward in turn
+    makespan, in_flight = simulate(plan.schedule if pp > 1 else "1f1b", pp, m, v, tuple(fwd), tuple(bwd), p2p)
+    compute_time = sum(fwd[s] + bwd[s] for s in range(len(chunks))) * m / pp
+
+    # data parallelism: gradients reduced once a step, overlapping the last micro-batch's backward
+    per_device = [sum(params[d + k * pp] for k in range(v)) for d in range(pp)]
+    worst = max(range(pp), key=lambda d: per_device[d])
+    grad_bytes = per_device[worst] * BYTES[plan.precision][1]
+    if plan.zero >= 3 and pp == 1:  # parameters gathered per micro-batch in forward and backward
+        gathers = 2 * m * gather_time(per_device[worst] * BYTES[plan.precision][0], dp, dp_bw,
+                                                         hw.latency)
+        dp_comm = gather_time(grad_bytes, dp, dp_bw, hw.latency) + gathers
+        overlap = compute_time / 2
+    elif plan.zero >= 1:  # reduce-scatter the gradients, all-gather the updated parameters (also zero=2,
+        # and zero=3 in a pipeline, whose stages gather once a step)
+        dp_comm = gather_time(grad_bytes, dp, dp_bw, hw.latency) + gather_time(
+            per_device[worst] * BYTES[plan.precision][0], dp, dp_bw, hw.latency)
+        overlap = sum(bwd[worst + k * pp] for k in range(v))
+    else:
+        dp_comm = allreduce_time(grad_bytes, dp, dp_bw, hw.latency)
+        overlap = sum(bwd[worst + k * pp] for k in range(v))
+    exposed = max(0.0, dp_comm - overlap) if dp > 1 else 0.0
+    optimizer = per_device[worst] * (sum(BYTES[plan.precision]) * 2) / (hw.memory_bw * (dp if plan.zero else 1))
+    step = makespan + exposed + optimizer
+
+    p, g, o = model_state_bytes(per_device[worst], plan.zero, dp, plan.precision)
+    if pp > 1 and plan.zero >= 2:  # a pipeline stage holds its parameters and gradients whole during a step
+        p, g = (per_device[worst] * x for x in BYTES[plan.precision][:2])
+    act = max(sum(acts[d + k * pp] * in_flight[d + k * pp] for k in range(v)) for d in range(pp))
+    mem = Memory(parameters=p, gradients=g, optimizer=o, activations=act, reserved=hw.reserved)
+    samples = batch / step
+    tflops = work.flops * batch / step / plan.world_size / 1e12
+    if mem.total > budget:
+        return Estimate(plan, False, f"needs {mem.total / GB:.1f} GB per device, budget {budget / GB:.1f} GB",
+                        step, compute_time, exposed, makespan - compute_time, samples, samples * work.tokens, tflops,
+                        mem)
+    return Estimate(plan, True, "", step, compute_time, exposed, makespan - compute_time, samples,
+                    samples * work.tokens, tflops, mem)
+
+
+def _infeasible(work: Workload, plan: Plan, batch: int) -> str:
+    dp, pp, tp, m = plan.dp, plan.pp, plan.tp, plan.microbatches or 1
+    v = 2 if plan.schedule == "interleaved" and pp > 1 else 1
+    if work.heads and work.heads % tp:
+        return f"tp={tp} does not divide {work.heads} heads"
+    if pp * v > len(work.layers):
+        return f"{pp * v} pipeline stages for {len(work.layers)} layers"
+    if batch % (dp * m):
+        return f"global batch {batch} is not divisible by dp x microbatches = {dp} x {m}"
+    if plan.zero and dp == 1:
+        return f"zero={plan.zero} needs dp > 1 (it shards over data-parallel replicas)"
+    if pp > 1 and plan.schedule == "1f1b" and m < pp:
+        return f"schedule=1f1b needs microbatches >= pp ({m} < {pp})"
+    if pp > 1 and plan.schedule == "interleaved" and (m % pp or not interleaved_rounds_ok(m, pp)):
+        return (f"schedule=interleaved is simulated in Megatron's order, which takes micro-batches pp at a time: "
+                f"microbatches={m} is not a multiple of pp={pp}")
+    return ""
+
+
+@lru_cache(maxsize=4096)
+def simulate(schedule: str, pp: int, m: int, v: int, fwd: tuple[float, ...], bwd: tuple[float, ...],
+             p2p: float) -> tuple[float, tuple[int, ...]]:
+    """Run the schedule's order of actions: (makespan, most micro-batches in flight per stage).
+
+    ``fwd[c]``/``bwd[c]``: one micro-batch's time on stage chunk c (``pp * v`` chunks; device
+    d holds chunks d, d + pp, ...). Each device runs its actions in the schedule's order; an
+    action starts when its device is free and its input has arrived (``p2p`` after the
+    neighbouring chunk finished). GPipe: every forward, then every backward. 1F1B: pp - d - 1
+    warm-up forwards, then one forward, one backward. Interleaved (Megatron's order): warm-up
+    of (pp - d - 1) * 2 + (v - 1) * pp chunk-forwards, micro-batches taken pp at a time per chunk.
+    """
+    chunks = pp * v
+    orders = [_order(schedule, pp, m, v, d) for d in range(pp)]
+    done: dict[tuple[str, int, int], float] = {}
+    clock = [0.0] * pp
+    position = [0] * pp
+    live = [0] * chunks
+    most = [0] * chunks
+    remaining = sum(len(o) for o in orders)
+    while remaining:
+        progressed = False
+        for d in range(pp):
+            while position[d] < len(orders[d]):
+                kind, c, i = orders[d][position[d]]
+                if kind == "F":
+                    dep = done.get(("F", c - 1, i)) if c > 0 else 0.0
+                    ready = None if dep is None else dep + (p2p if c > 0 else 0.0)
+                    cost = fwd[c]
+                else:
+                    dep = done.get(("B", c + 1, i)) if c < chunks - 1 else done.get(("F", c, i))
+                    ready = None if dep is None else dep + (p2p if c < chunks - 1 else 0.0)
+                    cost = bwd[c]
+                if ready is None:
+                    break
+                start = max(clock[d], ready)
+                clock[d] = start + cost
+                done[(kind, c, i)] = clock[d]
+                live[c] += 1 if kind == "F" else -1
+                most[c] = max(most[c], live[c])
+                position[d] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            raise RuntimeError(f"schedule {schedule} with pp={pp}, m={m}, v={v} deadlocks in simulation")
+    return max(clock), tuple(most)
+
+
+def _order(schedule: str, pp: int, m: int, v: int, d: int) -> list[tuple[str, int, int]]:
+    if schedule == "gpipe":
+        chunks = [d + k * pp for k in range(v)]
+        return ([("F", c, i) for c in chunks for i in range(m)]
+                + [("B", c, i) for c in reversed(chunks) for i in range(m)])
+    if schedule == "1f1b" or v == 1:
+        warm = min(pp - d - 1, m)
+        out = [("F", d, i) for i in range(warm)]
+        for i in range(m - warm):
+            out += [("F", d, warm + i), ("B", d, i)]
+        out += [("B", d, i) for i in range(m - warm, m)]
+        return out
+    total = m * v
+
+    def unit(k: int, backward: bool) -> tuple[int, int]:
+        group, within = divmod(k, pp * v)
+        chunk, mb = divmod(within, pp)
+        if backward:
+            chunk = v - 1 - chunk
+        return d + chunk * pp, group * pp + mb
+
+    warm = min((pp - d - 1) * 2 + (v - 1) * pp, total)
+    out = [("F", *unit(k, False)) for k in range(warm)]
+    f, b = warm, 0
+    while f < total:
+        out.append(("F", *unit(f, False)))
+        out.append(("B", *unit(b, True)))
+        f, b = f + 1, b + 1
+    out += [("B", *unit(k, True)) for k in range(b, total)]
+    return out

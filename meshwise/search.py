@@ -1,0 +1,110 @@
+"""Plan search: every feasible plan for a device count and memory budget, ranked by the
+cost model's predicted step time; every rejected one with its reason.
+
+Pure Python, like ``meshwise.cost``. The candidates: every (dp, pp, tp) whose product is
+the device count, ZeRO 0-3 (1-3 only with dp > 1), each schedule (pipelines only),
+micro-batch counts that divide a replica's share of the batch (up to 8 x the pipeline's
+stages, at least 16), and recomputation on or off. ``fixed`` pins fields (``--evaluate
+dp=8,tp=4``) and searches the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from meshwise.cost import GB, Estimate, Hardware, Workload, estimate
+from meshwise.plan import SCHEDULES, Plan
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def candidates(devices: int, batch: int, *, precision: str = "bf16", fixed: dict[str, Any] | None = None,
+               layers: int | None = None) -> list[Plan]:
+    """Every plan the search considers (before the cost model judges them)."""
+    fixed = dict(fixed or {})
+    out = []
+    for tp in _divisors(devices):
+        for pp in _divisors(devices // tp):
+            dp = devices // (tp * pp)
+            if any(fixed.get(k, v) != v for k, v in (("dp", dp), ("pp", pp), ("tp", tp))):
+                continue
+            if layers is not None and pp > layers:
+                continue
+            share = batch // dp if batch % dp == 0 else 0
+            cap = max(16, 8 * pp)
+            counts = [m for m in _divisors(share) if m <= cap] if share else [1]
+            for zero in (0, 1, 2, 3) if dp > 1 else (0,):
+                for schedule in SCHEDULES if pp > 1 else ("1f1b",):
+                    for m in counts:
+                        for checkpointing in (False, True):
+                            fields = dict(dp=dp, pp=pp, tp=tp, zero=zero, microbatches=m, schedule=schedule,
+                                          checkpointing=checkpointing, precision=precision)
+                            fields.update({k: v for k, v in fixed.items() if k not in ("dp", "pp", "tp")})
+                            out.append(Plan(**fields))
+    return list(dict.fromkeys(out))  # fixed fields can make duplicates
+
+
+def search(work: Workload, hw: Hardware, devices: int, batch: int, *, precision: str = "bf16",
+           budget: float | None = None, fixed: dict[str, Any] | None = None) -> list[Estimate]:
+    """Every candidate's estimate: the feasible ones fastest first, then the rejected ones."""
+    if devices < 1 or batch < 1:
+        raise ValueError(f"devices={devices} and batch={batch} must both be >= 1")
+    plans = candidates(devices, batch, precision=precision, fixed=fixed, layers=len(work.layers))
+    if not plans:
+        raise ValueError(f"no plan for {devices} devices matches {fixed}: dp x pp x tp must equal {devices}")
+    results = [estimate(work, plan, hw, batch, budget=budget) for plan in plans]
+    return sorted(results, key=lambda e: (not e.feasible, e.step_time, str(e.plan)))
+
+
+def as_json(result: Estimate) -> dict[str, Any]:
+    """One plan's prediction in the documented, stable JSON form (docs/planner.md)."""
+    mem = result.memory
+    return {
+        "plan": result.plan.to_dict(),
+        "feasible": result.feasible,
+        "reason": result.reason,
+        "step_time_s": result.step_time if result.memory else None,
+        "samples_per_s": result.samples_per_s,
+        "tokens_per_s": result.tokens_per_s,
+        "tflops_per_device": result.tflops_per_device,
+        "memory_per_device_bytes": None if mem is None else {
+            **{k: v for k, v in dataclasses.asdict(mem).items()}, "total": mem.total},
+        "breakdown_s": None if mem is None else {
+            "compute": result.compute, "bubble": result.bubble, "exposed_communication": result.communication},
+    }
+
+
+def table(results: list[Estimate], top: int, budget: float) -> str:
+    """The best ``top`` plans, then the reasons the others were rejected (most common first)."""
+    feasible = [r for r in results if r.feasible]
+    rows = [f"{'#':>3}  {'plan':<62}{'step s':>9}{'samples/s':>11}{'TFLOP/s/dev':>13}{'memory GB':>11}"
+            f"  (params/grads/optim/acts)"]
+    for i, r in enumerate(feasible[:top], 1):
+        m = r.memory
+        assert m is not None
+        rows.append(f"{i:>3}  {str(r.plan):<62}{r.step_time:>9.3f}{r.samples_per_s:>11.1f}{r.tflops_per_device:>13.1f}"
+                    f"{m.total / GB:>11.1f}  ({m.parameters / GB:.1f}/{m.gradients / GB:.1f}/{m.optimizer / GB:.1f}/"
+                    f"{m.activations / GB:.1f})")
+    rejected: dict[str, int] = {}
+    for r in results:
+        if not r.feasible:
+            key = r.reason if not r.reason.startswith("needs ") else f"over the {budget / GB:.1f} GB budget"
+            rejected[key] = rejected.get(key, 0) + 1
+    rows.append(f"{len(feasible)} feasible of {len(results)} candidates")
+    if not feasible and results:
+        closest = min((r for r in results if r.memory is not None), key=lambda r: r.memory.total, default=None)
+        if closest is not None:
+            rows.append(f"the smallest needs {closest.memory.total / GB:.1f} GB per device: {closest.plan}")
+    for reason, count in sorted(rejected.items(), key=lambda kv: -kv[1])[:8]:
+        rows.append(f"  rejected {count:>5}: {reason}")
+    return "\n".join(rows)
+
+
+def dumps(results: list[Estimate], top: int) -> str:
+    feasible = [r for r in results if r.feasible][:top]
+    rejected = [r for r in results if not r.feasible]
+    return json.dumps({"plans": [as_json(r) for r in feasible], "rejected": [as_json(r) for r in rejected]}, indent=1)
