@@ -61,6 +61,9 @@ class Hardware:
     devices_per_node: int
     latency: float = 10e-6
     """Seconds per collective step."""
+    slots: int = 0
+    """Devices that compute at once on one host (CPU cores for one-thread processes); more
+    processes than slots share them and each computes slower. 0: one per device."""
     efficiency: float = 0.65
     """Fraction of peak FLOP/s that matrix products reach: 0.65 fits Megatron-LM's published
     H100 runs best (docs/planner.md); the other GPU presets assume the same."""
@@ -68,6 +71,9 @@ class Hardware:
     """Memory the framework and the allocator take beside the model (CUDA context, fragmentation)."""
     memory_bw: float = 2e12
     """Bytes/s of device memory, for the optimizer step."""
+    overlap: bool = True
+    """Whether gradient communication overlaps backward compute (GPUs: yes; CPU processes that
+    share their cores with gloo's threads: no)."""
 
 
 HARDWARE: dict[str, Hardware] = {
@@ -100,6 +106,10 @@ class Layer:
     """Bytes per sample all-reduced across tp ranks in forward (as many again in backward)."""
     recompute_bytes: float = 0.0
     """Bytes per sample kept with recomputation (the layer's input)."""
+    seconds: float = 0.0
+    """Measured forward + backward seconds per sample (a profile); used instead of ``flops``."""
+    fixed_seconds: float = 0.0
+    """Measured forward + backward seconds per micro-batch, whatever its size (a profile)."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,10 @@ class Workload:
     """Layers that stay on the first stage (embeddings)."""
     extra_last: tuple[Layer, ...] = ()
     """Layers that stay on the last stage (final norm, output head and loss)."""
+    value_bytes: int = 2
+    """Bytes per activation value the byte counts above assume (a profile: what it measured)."""
+    tensors: int = 0
+    """Parameter tensors (ZeRO-1 broadcasts each one from the rank that updated it)."""
 
     @property
     def params(self) -> float:
@@ -229,8 +243,9 @@ def estimate(work: Workload, plan: Plan, hw: Hardware, batch: int, *, budget: fl
         return Estimate(plan, False, reason)
     v = 2 if plan.schedule == "interleaved" and pp > 1 else 1
     b = batch // (dp * m)  # samples per micro-batch
-    scale = 2 if plan.precision == "fp32" else 1  # fp32 activations are twice as large
+    scale = (4 if plan.precision == "fp32" else 2) / work.value_bytes  # activation bytes in the plan's precision
     peak = hw.flops[plan.precision] * hw.efficiency
+    shared = max(1.0, min(plan.world_size, hw.devices_per_node) / hw.slots) if hw.slots else 1.0
     counts = _stage_layers(len(work.layers), pp * v)
     chunks: list[list[Layer]] = []
     start = 0
@@ -249,10 +264,12 @@ def estimate(work: Workload, plan: Plan, hw: Hardware, batch: int, *, budget: fl
         comm = sum(allreduce_time(x.tp_comm_bytes * b * scale, tp, tp_bw, hw.latency) for x in chunk)
         # element-wise work (norms, activations, residuals) is bound by memory: its bytes once
         # written and read in forward, twice in backward
-        stream = sum(x.act_bytes for x in chunk) * b * scale / tp / hw.memory_bw
-        f = flops / peak + stream + comm
-        fwd.append(f)
-        bwd.append(2 * (flops / peak + stream) + comm + (f if plan.checkpointing else 0.0))
+        stream = sum(x.act_bytes for x in chunk if x.flops) * b * scale / tp / hw.memory_bw
+        # a profile's measured time: a third forward, two thirds backward
+        measured = sum(x.fixed_seconds + x.seconds * b for x in chunk) / tp
+        busy = (flops / peak + stream + measured / 3) * shared
+        fwd.append(busy + comm)
+        bwd.append(2 * busy + comm + (busy + comm if plan.checkpointing else 0.0))
         per_sample = sum((x.recompute_bytes if plan.checkpointing and x.recompute_bytes else
                           x.act_bytes / tp if sequence_parallel else x.act_bytes - x.act_bytes_tp + x.act_bytes_tp / tp)
                          for x in chunk)
@@ -276,11 +293,13 @@ def estimate(work: Workload, plan: Plan, hw: Hardware, batch: int, *, budget: fl
         # and zero=3 in a pipeline, whose stages gather once a step)
         dp_comm = gather_time(grad_bytes, dp, dp_bw, hw.latency) + gather_time(
             per_device[worst] * BYTES[plan.precision][0], dp, dp_bw, hw.latency)
+        if plan.zero == 1:  # torch's ZeroRedundancyOptimizer broadcasts parameter by parameter
+            dp_comm += work.tensors / pp * (dp - 1) * hw.latency
         overlap = sum(bwd[worst + k * pp] for k in range(v))
     else:
         dp_comm = allreduce_time(grad_bytes, dp, dp_bw, hw.latency)
         overlap = sum(bwd[worst + k * pp] for k in range(v))
-    exposed = max(0.0, dp_comm - overlap) if dp > 1 else 0.0
+    exposed = max(0.0, dp_comm - (overlap if hw.overlap else 0.0)) if dp > 1 else 0.0
     optimizer = per_device[worst] * (sum(BYTES[plan.precision]) * 2) / (hw.memory_bw * (dp if plan.zero else 1))
     step = makespan + exposed + optimizer
 

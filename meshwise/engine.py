@@ -45,6 +45,7 @@ def parallelize(
     device: str | torch.device | None = None,
     trace: bool = False,
     stages: Any = None,
+    batch_size: int | None = None,
 ) -> Engine:
     """Wrap a single-device ``model`` for training and inference under ``plan``.
 
@@ -56,11 +57,40 @@ def parallelize(
     local rank where CUDA is available). ``trace=True`` records a pipeline's timeline
     (``engine.write_trace(dir)``). ``stages`` overrides where a pipeline is cut: a
     ``meshwise.partition`` result or a list of ``(start, stop)`` layer ranges.
+
+    ``plan="auto"`` (``--plan auto``) profiles the model on ``sample``, measures the
+    job's links, searches the plans for this many processes and a global batch of
+    ``batch_size`` rows (default: the sample's), runs the fastest, and after
+    ``AUTO_CHECK_STEPS`` steps prints its measured step time against the prediction.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"parallelize expects a torch.nn.Module, got {type(model).__name__}")
     ctx = mwdist.init(device if device is not None else os.environ.get(mwdist.DEVICE_ENV))
-    plan = resolve_plan(plan if plan is not None else os.environ.get(mwdist.PLAN_ENV) or None, ctx.world_size)
+    spec = plan if plan is not None else os.environ.get(mwdist.PLAN_ENV) or None
+    predicted = None
+    if isinstance(spec, str) and spec.strip() == "auto":
+        if sample is None:
+            raise ValueError("plan='auto' profiles the model on a sample: pass sample=(x, y) (one example batch)")
+        from meshwise.profile import auto_plan
+
+        batch = batch_size if batch_size is not None else data.batch_size_of(data.unpack(sample)[0])
+        spec, predicted = auto_plan(model, sample, ctx.device, batch, is_main=ctx.is_main, loss_fn=loss_fn,
+                                    optimizer=optimizer)
+    plan = resolve_plan(spec, ctx.world_size)
+    engine = _engine(model, plan, ctx, loss_fn=loss_fn, optimizer=optimizer, sample=sample, trace=trace,
+                     stages=stages)
+    if predicted is not None:
+        engine._watch(predicted.step_time)
+    return engine
+
+
+AUTO_CHECK_STEPS = 10
+"""Steps after which an automatically chosen plan's measured step time is printed."""
+
+
+def _engine(model: torch.nn.Module, plan: Plan, ctx: mwdist.Context, **kwargs: Any) -> Engine:
+    loss_fn, optimizer, sample, trace, stages = (kwargs[k] for k in ("loss_fn", "optimizer", "sample", "trace",
+                                                                     "stages"))
     if plan.pp > 1:  # tensor parallelism and ZeRO inside the stages
         from meshwise.pipeline import PipelineEngine
 
@@ -107,6 +137,27 @@ class Engine:
             from meshwise.zero import shard_optimizer
 
             self.optimizer = shard_optimizer(self.optimizer, model, self.dp_group)
+
+    def _watch(self, predicted: float) -> None:
+        """Time the first steps; after ``AUTO_CHECK_STEPS`` (warm-up excluded) rank 0 prints the
+        median measured step time against ``predicted``."""
+        import statistics
+        import time
+
+        step, times = self.step, []
+
+        def timed(batch: Any) -> float:
+            start = time.perf_counter()
+            loss = step(batch)
+            times.append(time.perf_counter() - start)
+            if len(times) == AUTO_CHECK_STEPS + 1 and self.is_main:
+                measured = statistics.median(times[1:])
+                print(f"meshwise: plan {self.plan}: measured step {measured * 1e3:.1f} ms (median of "
+                      f"{AUTO_CHECK_STEPS}), predicted {predicted * 1e3:.1f} ms ({measured / predicted - 1:+.0%})",
+                      flush=True)
+            return loss
+
+        self.step = timed  # type: ignore[method-assign]
 
     def _init_common(self, model: torch.nn.Module, plan: Plan, ctx: mwdist.Context, loss_fn: LossFn | None,
                      sample: Any) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 from meshwise.cost import GB, Estimate, Hardware, Workload, estimate
@@ -57,7 +58,10 @@ def search(work: Workload, hw: Hardware, devices: int, batch: int, *, precision:
     if not plans:
         raise ValueError(f"no plan for {devices} devices matches {fixed}: dp x pp x tp must equal {devices}")
     results = [estimate(work, plan, hw, batch, budget=budget) for plan in plans]
-    return sorted(results, key=lambda e: (not e.feasible, e.step_time, str(e.plan)))
+    # within 1% of each other, the simpler plan first: less sharding, fewer stages and micro-batches
+    return sorted(results, key=lambda e: (not e.feasible, round(math.log(e.step_time), 2) if e.step_time > 0 and
+                                          math.isfinite(e.step_time) else math.inf, e.plan.zero, e.plan.pp,
+                                          e.plan.checkpointing, e.plan.microbatches or 1, str(e.plan)))
 
 
 def as_json(result: Estimate) -> dict[str, Any]:

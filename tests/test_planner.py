@@ -99,7 +99,8 @@ def test_search_ranks_feasible_plans_and_says_why_others_are_rejected() -> None:
     work = Workload.transformer(layers=12, hidden=768, heads=12, seq=1024, vocab=50304)
     results = search(work, HARDWARE["a100-40gb"], 16, 64, budget=4 * GB)
     feasible = [r for r in results if r.feasible]
-    assert feasible and all(a.step_time <= b.step_time for a, b in zip(feasible, feasible[1:]))
+    # fastest first; within 1% the simpler plan may come first
+    assert feasible and all(a.step_time <= b.step_time * 1.011 for a, b in zip(feasible, feasible[1:]))
     assert all(r.memory.total <= 4 * GB for r in feasible)
     reasons = {r.reason for r in results if not r.feasible}
     assert "tp=8 does not divide 12 heads" in reasons

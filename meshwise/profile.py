@@ -1,0 +1,169 @@
+"""Profiling for the planner: what the user's model costs on this device, and what this job's
+links cost. ``auto_plan`` puts them together for ``--plan auto``.
+
+* **Layers.** The model is traced and cut into its layers as for a pipeline
+  (``meshwise.partition``). Each layer is run forward and backward on the sample and on
+  the sample repeated 4 times. That fits its time as fixed + per-row seconds. It also
+  records the bytes it saves for backward (saved-tensor hooks), its parameters, and
+  what a cut after it would send.
+* **Links.** Every rank times all-reduces of 4 KB to 8 MB on the job's real process group.
+  The slowest rank's times are fitted as latency + bytes / bandwidth, for a ring.
+
+The profile is a ``meshwise.cost.Workload`` whose layers carry measured seconds instead
+of FLOPs. The local "hardware" carries the fitted link, the memory per process and, on
+CPU hosts, the cores: processes beyond the cores share them. So the search knows when
+fewer, busier processes beat more.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from meshwise import cost, data
+from meshwise.plan import Plan
+
+SIZES = (1 << 12, 1 << 16, 1 << 20, 1 << 23)
+"""All-reduce sizes in bytes for the link fit."""
+
+
+def profile_model(model: torch.nn.Module, sample: Any, device: torch.device, loss_fn: Any = None,
+                  optimizer: Any = None) -> cost.Workload:
+    """The model's layers, measured on ``sample``'s inputs (fixed + per-row seconds each).
+
+    With ``loss_fn`` (and ``optimizer``, a function of the parameters), a whole training
+    step of a copy of the model is timed too; what it takes beyond the layers (the
+    model's own code between them, the loss, the optimizer) becomes one more layer."""
+    from meshwise.partition import measure, split_model, untouched
+
+    inputs = data.map_tensors(lambda t: t.to(device), data.unpack(sample)[0])
+    rows = data.batch_size_of(inputs)
+    if not rows:
+        raise ValueError("profiling needs a sample with at least one row: pass sample=(x, y)")
+    larger = data.map_tensors(lambda t: torch.cat([t] * 4), inputs)
+    with untouched(model):
+        small_cut = split_model(model, inputs)
+        large_cut = split_model(model, larger)
+        small = measure(small_cut.layers, small_cut.layer_args, [c.bytes for c in small_cut.crossings[1:]])
+        large = measure(large_cut.layers, large_cut.layer_args, [c.bytes for c in large_cut.crossings[1:]])
+    layers = []
+    for a, b in zip(small, large):
+        per_row = max(0.0, (b.ms - a.ms) / 1e3 / (3 * rows))
+        fixed = max(0.0, a.ms / 1e3 - per_row * rows)
+        layers.append(cost.Layer(name=a.name, flops=0.0, params=a.params, act_bytes=a.activation_bytes / rows,
+                                 seconds=per_row, fixed_seconds=fixed))
+    if loss_fn is not None:
+        whole = [_step_seconds(model, s, loss_fn, optimizer) for s in (sample, data.map_tensors(
+            lambda t: torch.cat([t] * 4), sample))]
+        parts = [sum(x.ms for x in small) / 1e3, sum(x.ms for x in large) / 1e3]
+        rest = [max(0.0, w - p) for w, p in zip(whole, parts)]
+        per_row = max(0.0, (rest[1] - rest[0]) / (3 * rows))
+        layers.append(cost.Layer(name="rest of the step", flops=0.0, params=0.0, act_bytes=0.0, seconds=per_row,
+                                 fixed_seconds=max(0.0, rest[0] - per_row * rows)))
+    sent = max((c.bytes for c in small_cut.crossings[1:-1]), default=0) / rows
+    value_bytes = next((p.element_size() for p in model.parameters()), 4)
+    return cost.Workload(name=type(model).__name__, layers=tuple(layers), output_bytes=sent, value_bytes=value_bytes,
+                         tensors=sum(1 for p in model.parameters() if p.requires_grad))
+
+
+def _step_seconds(model: torch.nn.Module, sample: Any, loss_fn: Any, optimizer: Any, repeats: int = 5) -> float:
+    """Median seconds of a whole training step of a copy of ``model`` on ``sample``."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    opt = optimizer(twin.parameters()) if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer) \
+        else torch.optim.SGD(twin.parameters(), lr=0.0)
+    inputs, targets = data.unpack(data.map_tensors(lambda t: t.to(next(twin.parameters()).device), sample))
+    times = []
+    with torch.random.fork_rng(devices=[]):
+        for r in range(repeats + 1):
+            start = time.perf_counter()
+            loss_fn(data.call(twin, inputs), targets).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if r:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def fit_links(group: Any, device: torch.device, repeats: int = 3) -> tuple[float, float]:
+    """(latency s, bandwidth bytes/s) of a ring all-reduce on ``group``, from the slowest rank."""
+    n = dist.get_world_size(group)
+    if n == 1:
+        return 0.0, float("inf")
+    times = []
+    for size in SIZES:
+        buffer = torch.ones(size // 4, device=device)
+        dist.all_reduce(buffer, group=group)  # warm-up: connections, allocations
+        samples = []
+        for _ in range(repeats):
+            dist.barrier(group=group)
+            start = time.perf_counter()
+            dist.all_reduce(buffer, group=group)
+            samples.append(time.perf_counter() - start)
+        times.append(statistics.median(samples))
+    slowest = torch.tensor(times, dtype=torch.float64, device=device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+    ts = slowest.tolist()
+    mean_x, mean_t = statistics.fmean(SIZES), statistics.fmean(ts)
+    slope = sum((x - mean_x) * (t - mean_t) for x, t in zip(SIZES, ts)) / sum((x - mean_x) ** 2 for x in SIZES)
+    intercept = max(0.0, mean_t - slope * mean_x)
+    bandwidth = 2 * (n - 1) / n / slope if slope > 0 else float("inf")
+    return intercept / (2 * (n - 1)), bandwidth
+
+
+def local_hardware(device: torch.device, world: int, latency: float, bandwidth: float) -> cost.Hardware:
+    """This host as the cost model sees it: the fitted link, memory per process, and cores."""
+    if device.type == "cuda":
+        memory = float(torch.cuda.get_device_properties(device).total_memory)
+        slots = 0
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(world, 1)
+        slots = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cost.Hardware(name=f"this {device.type} host", flops={"fp32": 1.0, "bf16": 1.0}, memory=memory,
+                         intra_bw=bandwidth, inter_bw=bandwidth, devices_per_node=max(world, 1),
+                         latency=latency, efficiency=1.0, reserved=256 * 2**20, slots=slots,
+                         overlap=device.type == "cuda")
+
+
+def auto_plan(model: torch.nn.Module, sample: Any, device: torch.device, batch: int, *, is_main: bool,
+              loss_fn: Any = None, optimizer: Any = None) -> tuple[Plan, cost.Estimate | None]:
+    """Profile, search and agree on a plan on every rank (a collective); rank 0 says why."""
+    from meshwise.search import search
+
+    world = dist.get_world_size()
+    latency, bandwidth = fit_links(dist.group.WORLD, device)
+    message: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            work = profile_model(model, sample, device, loss_fn, optimizer)
+            hw = local_hardware(device, world, latency, bandwidth)
+            # tensor parallelism needs a model of its communication per layer, which a profile of an
+            # arbitrary model lacks: the automatic search covers dp, pp, ZeRO, schedule, micro-batches
+            # and recomputation
+            results = search(work, hw, world, batch, precision="fp32", fixed={"tp": 1, "precision": "fp32"})
+            best = [r for r in results if r.feasible]
+            if not best:
+                reasons = sorted({r.reason for r in results})[:3]
+                raise ValueError(f"--plan auto found no feasible plan for {world} processes and a global batch of "
+                                 f"{batch}: {'; '.join(reasons)}")
+            message = [("ok", best[0], best[1:3], work, hw)]
+        except (ValueError, TypeError) as error:
+            message = [("error", str(error))]
+    dist.broadcast_object_list(message, src=0)
+    if message[0][0] == "error":
+        raise ValueError(message[0][1])
+    _, chosen, runners_up, work, hw = message[0]
+    if is_main:
+        print(f"meshwise: --plan auto: profiled {len(work.layers)} layers of {work.name}; links: latency "
+              f"{hw.latency * 1e6:.0f} us, {hw.intra_bw / 1e9:.2f} GB/s; {hw.slots or 'no'} core limit", flush=True)
+        for label, e in [("chose", chosen), *[("next", r) for r in runners_up]]:
+            assert e.memory is not None
+            print(f"meshwise: {label} {e.plan}: predicted step {e.step_time * 1e3:.1f} ms, {e.samples_per_s:.0f} "
+                  f"samples/s, {e.memory.total / 2**20:.0f} MiB per process", flush=True)
+    return chosen.plan, chosen
