@@ -71,6 +71,14 @@ class Hardware:
     """Memory the framework and the allocator take beside the model (CUDA context, fragmentation)."""
     memory_bw: float = 2e12
     """Bytes/s of device memory, for the optimizer step."""
+    fsdp_overhead: float = 0.2e-3
+    """Seconds FSDP spends per sharded block and collective beyond the transfer (bookkeeping,
+    copies): 3.5 ms on the 2-core CPU host (fitted with bench/planner.py at world 2); the GPU
+    figure is an assumption, not a measurement."""
+    call_overhead: float = 20e-6
+    """Seconds of software overhead per collective call beyond the link's latency: 0.6 ms on the
+    2-core CPU host (fitted with bench/planner.py at world 2, from ZeRO-1's per-tensor
+    broadcasts); the GPU figure is an assumption."""
     overlap: bool = True
     """Whether gradient communication overlaps backward compute (GPUs: yes; CPU processes that
     share their cores with gloo's threads: no)."""
@@ -85,8 +93,9 @@ HARDWARE: dict[str, Hardware] = {
     "h100": Hardware("h100", {"bf16": 989e12, "fp32": 67e12}, 80 * GB, 450 * GB, 50 * GB, 8, memory_bw=3.35e12),
     "h200": Hardware("h200", {"bf16": 989e12, "fp32": 67e12}, 141 * GB, 450 * GB, 50 * GB, 8, memory_bw=4.8e12),
     # this kind of development machine: 2 CPU cores, one process per core, gloo over loopback
-    "cpu": Hardware("cpu", {"bf16": 20e9, "fp32": 40e9}, 24 * GB, 2 * GB, 2 * GB, 2, latency=50e-6,
-                    efficiency=0.5, reserved=0.5 * GIB, memory_bw=10e9),
+    "cpu": Hardware("cpu", {"bf16": 20e9, "fp32": 40e9}, 24 * GB, 1 * GB, 1 * GB, 2, latency=110e-6,
+                    efficiency=0.5, reserved=0.5 * GIB, memory_bw=10e9, slots=2, fsdp_overhead=3.5e-3, call_overhead=0.6e-3,
+                    overlap=False),
 }
 
 
@@ -293,13 +302,19 @@ def estimate(work: Workload, plan: Plan, hw: Hardware, batch: int, *, budget: fl
         # and zero=3 in a pipeline, whose stages gather once a step)
         dp_comm = gather_time(grad_bytes, dp, dp_bw, hw.latency) + gather_time(
             per_device[worst] * BYTES[plan.precision][0], dp, dp_bw, hw.latency)
-        if plan.zero == 1:  # torch's ZeroRedundancyOptimizer broadcasts parameter by parameter
-            dp_comm += work.tensors / pp * (dp - 1) * hw.latency
+        if plan.zero == 1:  # torch's ZeroRedundancyOptimizer broadcasts parameter by parameter, after the step
+            dp_comm += work.tensors / pp * (hw.latency + hw.call_overhead) * shared
         overlap = sum(bwd[worst + k * pp] for k in range(v))
     else:
         dp_comm = allreduce_time(grad_bytes, dp, dp_bw, hw.latency)
         overlap = sum(bwd[worst + k * pp] for k in range(v))
     exposed = max(0.0, dp_comm - (overlap if hw.overlap else 0.0)) if dp > 1 else 0.0
+    if plan.zero >= 2 and dp > 1:  # FSDP's per-block collectives: one unit per layer of this device, and the root
+        units = sum(counts[worst + k * pp] for k in range(v)) + 1
+        # outside a pipeline every micro-batch gathers again (and zero=3 again in backward); a pipeline
+        # stage gathers once a step; each unit reduce-scatters once a step
+        calls = 2 if pp > 1 else (m + 1 if plan.zero == 2 else 2 * m + 1)
+        exposed += units * calls * hw.fsdp_overhead * shared
     optimizer = per_device[worst] * (sum(BYTES[plan.precision]) * 2) / (hw.memory_bw * (dp if plan.zero else 1))
     step = makespan + exposed + optimizer
 
