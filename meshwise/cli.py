@@ -24,7 +24,8 @@ class _Parser(argparse.ArgumentParser):
 def _add_launch_options(parser: argparse.ArgumentParser, *, nproc_default: int | None) -> None:
     parser.add_argument("--nproc", type=int, default=nproc_default,
                         help="workers on this host (default: the plan's world size, else 1)")
-    parser.add_argument("--plan", help="how to split the work, e.g. dp=2,microbatches=4 (default: dp = nproc)")
+    parser.add_argument("--plan", help="how to split the work, e.g. dp=2,microbatches=4, or auto: profiled and "
+                                       "searched (default: dp = nproc)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default=None,
                         help="cpu forces the CPU; auto (default) uses one GPU per worker where the host has enough")
 
@@ -136,6 +137,9 @@ def _bytes(text: str) -> float:
 def _job(parser: argparse.ArgumentParser, ns: argparse.Namespace, default_nproc: int, **extra: object) -> tuple[Job, str | None]:
     """The job and plan string, with --nproc and --plan made consistent (or a one-line error)."""
     try:
+        if ns.plan is not None and ns.plan.strip() == "auto":  # chosen by the workers (meshwise.profile)
+            nproc = ns.nproc if ns.nproc is not None else default_nproc
+            return Job(nproc=nproc, **extra), "auto"  # type: ignore[arg-type]
         plan = Plan.parse(ns.plan) if ns.plan is not None else None
         nnodes = extra.get("nnodes", 1)
         nproc = ns.nproc

@@ -80,7 +80,7 @@ def parallelize(
     engine = _engine(model, plan, ctx, loss_fn=loss_fn, optimizer=optimizer, sample=sample, trace=trace,
                      stages=stages)
     if predicted is not None:
-        engine._watch(predicted.step_time)
+        engine._watch(predicted)
     return engine
 
 
@@ -138,23 +138,26 @@ class Engine:
 
             self.optimizer = shard_optimizer(self.optimizer, model, self.dp_group)
 
-    def _watch(self, predicted: float) -> None:
+    def _watch(self, predicted: Callable[[int], float]) -> None:
         """Time the first steps; after ``AUTO_CHECK_STEPS`` (warm-up excluded) rank 0 prints the
-        median measured step time against ``predicted``."""
+        median measured step time against ``predicted(global batch)``."""
         import statistics
         import time
 
-        step, times = self.step, []
+        step, times, rows = self.step, [], []
 
         def timed(batch: Any) -> float:
             start = time.perf_counter()
             loss = step(batch)
             times.append(time.perf_counter() - start)
+            rows.append(data.global_size(batch) or data.batch_size_of(batch) * self.dp_size)
             if len(times) == AUTO_CHECK_STEPS + 1 and self.is_main:
                 measured = statistics.median(times[1:])
+                usual = statistics.mode(rows[1:])
+                expected = predicted(usual)
                 print(f"meshwise: plan {self.plan}: measured step {measured * 1e3:.1f} ms (median of "
-                      f"{AUTO_CHECK_STEPS}), predicted {predicted * 1e3:.1f} ms ({measured / predicted - 1:+.0%})",
-                      flush=True)
+                      f"{AUTO_CHECK_STEPS}, batch {usual}), predicted {expected * 1e3:.1f} ms "
+                      f"({measured / expected - 1:+.0%})", flush=True)
             return loss
 
         self.step = timed  # type: ignore[method-assign]

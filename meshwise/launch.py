@@ -128,7 +128,7 @@ def _environment(job: Job, plan: Plan | str | None, device: str | None) -> Itera
         os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # workers' parent: see die_with_parent
         os.environ.pop(PLAN_ENV, None)  # a launch nested in a launched worker must not inherit its plan
         if plan is not None:
-            os.environ[PLAN_ENV] = str(plan if isinstance(plan, Plan) else Plan.parse(plan))
+            os.environ[PLAN_ENV] = "auto" if plan == "auto" else str(plan if isinstance(plan, Plan) else Plan.parse(plan))
         if device is not None:
             os.environ[DEVICE_ENV] = device
         if "OMP_NUM_THREADS" not in os.environ:

@@ -134,8 +134,10 @@ def local_hardware(device: torch.device, world: int, latency: float, bandwidth: 
 
 
 def auto_plan(model: torch.nn.Module, sample: Any, device: torch.device, batch: int, *, is_main: bool,
-              loss_fn: Any = None, optimizer: Any = None) -> tuple[Plan, cost.Estimate | None]:
-    """Profile, search and agree on a plan on every rank (a collective); rank 0 says why."""
+              loss_fn: Any = None, optimizer: Any = None) -> tuple[Plan, Any]:
+    """Profile, search and agree on a plan on every rank (a collective); rank 0 says why.
+
+    Returns the plan and its predicted step seconds as a function of the global batch."""
     from meshwise.search import search
 
     world = dist.get_world_size()
@@ -168,4 +170,8 @@ def auto_plan(model: torch.nn.Module, sample: Any, device: torch.device, batch: 
             assert e.memory is not None
             print(f"meshwise: {label} {e.plan}: predicted step {e.step_time * 1e3:.1f} ms, {e.samples_per_s:.0f} "
                   f"samples/s, {e.memory.total / 2**20:.0f} MiB per process", flush=True)
-    return chosen.plan, chosen
+
+    def predict(rows: int) -> float:
+        return cost.estimate(work, chosen.plan, hw, rows).step_time
+
+    return chosen.plan, predict

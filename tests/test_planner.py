@@ -130,3 +130,50 @@ def test_plan_command_simulates_and_refuses_bad_input() -> None:
     bad = subprocess.run([*cmd[:5], "layers=32,hidden=4096", *cmd[6:]], capture_output=True, text=True, timeout=60,
                          cwd=ROOT)
     assert bad.returncode == 2 and "--transformer needs heads, seq, vocab" in bad.stderr
+
+
+def auto_run() -> dict:
+    import copy
+
+    import torch
+
+    import meshwise as mw
+    from meshwise.gpt import GPT, GPTConfig, lm_loss
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab=24, context=8, layers=2, hidden=16, heads=2))
+    ref = copy.deepcopy(model)
+    tokens = torch.randint(0, 24, (48, 9), generator=torch.Generator().manual_seed(3))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    opt = lambda p: torch.optim.SGD(p, lr=0.1)  # noqa: E731
+    engine = mw.parallelize(model, "auto", loss_fn=lm_loss, optimizer=opt, sample=(x[:8], y[:8]), batch_size=16)
+    losses = [engine.step(b) for b in engine.loader((x, y), 16, shuffle=False)]
+    state = engine.full_state_dict()
+    out = {"plan": str(engine.plan), "losses": losses}
+    if engine.is_main:
+        ref_opt = opt(ref.parameters())
+        for i in range(0, 48, 16):
+            ref_opt.zero_grad()
+            lm_loss(ref(x[i:i + 16]), y[i:i + 16]).backward()
+            ref_opt.step()
+        out["diff"] = max((state[k] - v).abs().max().item() for k, v in ref.state_dict().items())
+    return out
+
+
+def test_plan_auto_agrees_on_one_plan_and_trains_exactly() -> None:
+    import harness
+
+    results = harness.run(auto_run, 2, deadline=120)
+    plan = Plan.parse(results[0]["plan"])
+    assert plan.world_size == 2 and plan.tp == 1
+    assert results[1]["plan"] == results[0]["plan"] and results[1]["losses"] == results[0]["losses"]
+    assert results[0]["diff"] <= 1e-5, results[0]
+
+
+def test_meshwise_run_plan_auto_prints_its_choice_and_the_measured_step() -> None:
+    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "meshwise"), "run", "--nproc", "2", "--plan",
+                          "auto", "examples/quickstart.py"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "meshwise: --plan auto: profiled 4 layers of Sequential" in out.stdout
+    assert "meshwise: chose " in out.stdout and "measured step" in out.stdout and "predicted" in out.stdout
+    assert float(out.stdout.rsplit("training accuracy ", 1)[1].split()[0]) > 0.9
