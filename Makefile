@@ -31,6 +31,7 @@ bench: $(VENV)/.test
 	$(BIN)/python bench/pp.py
 	$(BIN)/python bench/zero.py
 	$(BIN)/python bench/tp.py
+	$(BIN)/python bench/planner.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
