@@ -56,20 +56,26 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--trace", metavar="DIR", help="gpt: write the pipeline timeline (trace.json, trace.png) to DIR")
     demo.add_argument("--batch-size", type=int, default=None, help="global batch (default 64)")
     demo.add_argument("--out", help="run directory (default runs/demo-TIMESTAMP-XXXX)")
-    plan = sub.add_parser("plan", help="rank plans by predicted step time and memory (simulation: --transformer)",
+    plan = sub.add_parser("plan", help="rank plans by predicted step time and memory",
                           description="Search data, pipeline and tensor degrees, ZeRO, schedule, micro-batches and "
-                                      "recomputation for a transformer described by numbers, on simulated hardware.")
-    plan.add_argument("--transformer", metavar="SPEC", required=True,
-                      help="layers=..,hidden=..,heads=..,seq=..,vocab=..[,ffn=..]")
-    plan.add_argument("--batch", type=int, required=True, help="global batch, in sequences")
+                                      "recomputation: for SCRIPT's model, profiled here (one process, stopped "
+                                      "before training), or for a transformer described by numbers (--transformer) "
+                                      "on simulated hardware.")
+    plan.add_argument("script", nargs="?", metavar="SCRIPT", help="a training script that calls meshwise.parallelize")
+    plan.add_argument("--transformer", metavar="SPEC", help="layers=..,hidden=..,heads=..,seq=..,vocab=..[,ffn=..]")
+    plan.add_argument("--batch", type=int, help="global batch (--transformer: in sequences; SCRIPT: default the "
+                                                "sample's rows)")
     plan.add_argument("--devices", type=int, required=True, help="devices in the cluster")
-    plan.add_argument("--hardware", default="h100", help="a100-40gb, a100-80gb, h100, h200 or cpu (default h100)")
-    plan.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
-                      help="bf16: mixed-precision Adam (default); fp32: fp32 Adam")
+    plan.add_argument("--hardware", help="a100-40gb, a100-80gb, h100, h200 or cpu (--transformer: default h100; "
+                                         "SCRIPT: the links assumed, default cpu on this CPU)")
+    plan.add_argument("--precision", choices=("bf16", "fp32"), default=None,
+                      help="bf16: mixed-precision Adam (--transformer's default); fp32: fp32 Adam (SCRIPT's default: "
+                           "the profile runs in fp32)")
     plan.add_argument("--memory", help="memory budget per device, e.g. 40GB (default: the hardware's)")
     plan.add_argument("--evaluate", metavar="SPEC", help="fix these plan fields (dp=..,tp=..,pp=..) and search the rest")
     plan.add_argument("--top", type=int, default=10, help="plans to show (default 10)")
     plan.add_argument("--json", action="store_true", help="print JSON (docs/planner.md) instead of a table")
+    plan.add_argument("--chart", metavar="PNG", help="also draw predicted step time against memory to this file")
     return parser
 
 
@@ -77,6 +83,14 @@ def _plan_command(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> in
     from meshwise.cost import GB, HARDWARE, Workload
     from meshwise.search import dumps, search, table
 
+    if (ns.script is None) == (ns.transformer is None):
+        parser.error("plan needs SCRIPT (a training script to profile) or --transformer SPEC, not both")
+    if ns.script is not None:
+        return _plan_script(parser, ns)
+    if ns.batch is None:
+        parser.error("plan --transformer needs --batch (the global batch, in sequences)")
+    ns.hardware = ns.hardware or "h100"
+    ns.precision = ns.precision or "bf16"
     try:
         fields = _spec(ns.transformer, "--transformer", ("layers", "hidden", "heads", "seq", "vocab", "ffn"))
         missing = [k for k in ("layers", "hidden", "heads", "seq", "vocab") if k not in fields]
@@ -97,6 +111,10 @@ def _plan_command(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> in
         results = search(work, hw, ns.devices, ns.batch, precision=ns.precision, budget=budget, fixed=fixed)
     except ValueError as error:
         parser.error(str(error))
+    if ns.chart:
+        from meshwise.search import chart
+
+        chart(results, ns.chart, f"{work.name}: {ns.devices} x {hw.name}, batch {ns.batch}")
     if ns.json:
         print(dumps(results, ns.top))
     else:
@@ -104,6 +122,32 @@ def _plan_command(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> in
               f"budget {budget / GB:.1f} GB per device; global batch {ns.batch}; {ns.precision}")
         print(table(results, ns.top, budget))
     return 0
+
+
+def _plan_script(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
+    """Run SCRIPT in one process with the search request in its environment: its
+    ``parallelize`` profiles the model, prints the ranking and stops the script."""
+    import json
+    import subprocess
+
+    from meshwise.cost import HARDWARE
+    from meshwise.profile import SEARCH_ENV
+
+    if not os.path.isfile(ns.script):
+        parser.error(f"script {ns.script!r} not found")
+    if ns.hardware is not None and ns.hardware not in HARDWARE:
+        parser.error(f"--hardware {ns.hardware!r} is unknown: use one of {', '.join(HARDWARE)}")
+    if ns.devices < 1 or ns.top < 1 or (ns.batch is not None and ns.batch < 1):
+        parser.error("--devices, --top and --batch must be >= 1")
+    try:
+        budget = _bytes(ns.memory) if ns.memory else None
+    except ValueError as error:
+        parser.error(str(error))
+    request = {"devices": ns.devices, "batch": ns.batch, "top": ns.top, "json": ns.json, "hardware": ns.hardware,
+               "memory": budget, "evaluate": ns.evaluate, "precision": ns.precision, "chart": ns.chart}
+    env = {**os.environ, SEARCH_ENV: json.dumps(request)}
+    env.pop("RANK", None)  # one plain process, whatever launched this command
+    return subprocess.run([sys.executable, ns.script], env=env).returncode
 
 
 def _spec(text: str, option: str, names: tuple[str, ...]) -> dict[str, int]:

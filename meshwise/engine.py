@@ -66,6 +66,12 @@ def parallelize(
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"parallelize expects a torch.nn.Module, got {type(model).__name__}")
     ctx = mwdist.init(device if device is not None else os.environ.get(mwdist.DEVICE_ENV))
+    if os.environ.get("MESHWISE_SEARCH"):  # meshwise plan SCRIPT: profile, rank, stop the script
+        import json
+
+        from meshwise.profile import answer_search
+
+        answer_search(model, sample, ctx.device, loss_fn, optimizer, json.loads(os.environ["MESHWISE_SEARCH"]))
     spec = plan if plan is not None else os.environ.get(mwdist.PLAN_ENV) or None
     predicted = None
     if isinstance(spec, str) and spec.strip() == "auto":

@@ -28,6 +28,10 @@ import torch.distributed as dist
 from meshwise import cost, data
 from meshwise.plan import Plan
 
+SEARCH_ENV = "MESHWISE_SEARCH"
+"""Set by ``meshwise plan SCRIPT``: the request (JSON) that makes ``parallelize`` profile,
+print the ranking and stop the script."""
+
 SIZES = (1 << 12, 1 << 16, 1 << 20, 1 << 23)
 """All-reduce sizes in bytes for the link fit."""
 
@@ -175,3 +179,35 @@ def auto_plan(model: torch.nn.Module, sample: Any, device: torch.device, batch: 
         return cost.estimate(work, chosen.plan, hw, rows).step_time
 
     return chosen.plan, predict
+
+
+def answer_search(model: torch.nn.Module, sample: Any, device: torch.device, loss_fn: Any, optimizer: Any,
+                  request: dict[str, Any]) -> None:
+    """``meshwise plan SCRIPT``: profile here, rank the plans for ``devices`` processes of this
+    kind, print them (table or JSON), and stop the script (SystemExit 0)."""
+    from meshwise.search import chart, dumps, search, table
+
+    if sample is None:
+        raise ValueError("meshwise plan SCRIPT profiles the model on a sample: pass sample=(x, y) to parallelize")
+    work = profile_model(model, sample, device, loss_fn, optimizer)
+    preset = cost.HARDWARE[request.get("hardware") or ("cpu" if device.type == "cpu" else "h100")]
+    devices = int(request["devices"])
+    hw = local_hardware(device, devices, preset.latency, preset.intra_bw)
+    hw = cost.Hardware(**{**hw.__dict__, "inter_bw": preset.inter_bw,
+                          "devices_per_node": devices if device.type == "cpu" else preset.devices_per_node})
+    batch = request.get("batch") or data.batch_size_of(data.unpack(sample)[0])
+    fixed = {"tp": 1, "precision": request.get("precision") or "fp32"}
+    if request.get("evaluate"):
+        named = {part.split("=", 1)[0].strip() for part in request["evaluate"].split(",") if part.strip()}
+        fixed.update({k: v for k, v in Plan.parse(request["evaluate"]).to_dict().items() if k in named})
+    budget = request.get("memory") or hw.memory
+    results = search(work, hw, devices, batch, precision=fixed["precision"], budget=budget, fixed=fixed)
+    if request.get("chart"):
+        chart(results, request["chart"], f"{work.name}: {devices} processes, batch {batch}")
+    if request.get("json"):
+        print(dumps(results, int(request["top"])))
+    else:
+        print(f"{work.name} ({len(work.layers)} layers profiled on {device.type}, {work.params / 1e6:.2f}M parameters); "
+              f"{devices} processes, links {preset.name}, budget {budget / 2**30:.1f} GiB each; global batch {batch}")
+        print(table(results, int(request["top"]), budget))
+    raise SystemExit(0)

@@ -112,3 +112,36 @@ def dumps(results: list[Estimate], top: int) -> str:
     feasible = [r for r in results if r.feasible][:top]
     rejected = [r for r in results if not r.feasible]
     return json.dumps({"plans": [as_json(r) for r in feasible], "rejected": [as_json(r) for r in rejected]}, indent=1)
+
+
+def chart(results: list[Estimate], path: str, title: str) -> None:
+    """A PNG of predicted step time against memory per device for every estimated candidate
+    (feasible ones filled, over-budget ones hollow), the best few labelled. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in results if r.memory is not None and math.isfinite(r.step_time)]
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for feasible, style in ((False, dict(facecolors="none", edgecolors="#bbbbbb")),
+                            (True, dict(color="#1f77b4"))):
+        points = [r for r in shown if r.feasible == feasible]
+        ax.scatter([r.memory.total / GB for r in points], [r.step_time for r in points], s=12,  # type: ignore[union-attr]
+                   label="feasible" if feasible else "over the memory budget", **style)
+    best = [r for r in shown if r.feasible][:3]
+    for i, r in enumerate(best, 1):
+        ax.annotate(str(i), (r.memory.total / GB, r.step_time), fontsize=8, xytext=(4, 4),  # type: ignore[union-attr]
+                    textcoords="offset points")
+    if best:
+        ax.text(0.01, 0.99, "\n".join(f"{i}: {r.plan}" for i, r in enumerate(best, 1)), transform=ax.transAxes,
+                fontsize=7, va="top", family="monospace", bbox=dict(facecolor="white", alpha=0.8, lw=0))
+    ax.set_xscale("log")
+    ax.set_xlabel("memory per device, GB (log)")
+    ax.set_ylabel("predicted step time, s")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -177,3 +177,15 @@ def test_meshwise_run_plan_auto_prints_its_choice_and_the_measured_step() -> Non
     assert "meshwise: --plan auto: profiled 4 layers of Sequential" in out.stdout
     assert "meshwise: chose " in out.stdout and "measured step" in out.stdout and "predicted" in out.stdout
     assert float(out.stdout.rsplit("training accuracy ", 1)[1].split()[0]) > 0.9
+
+
+def test_plan_script_profiles_the_scripts_model_and_stops_before_training(tmp_path) -> None:
+    chart = tmp_path / "plans.png"
+    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "meshwise"), "plan", "examples/quickstart.py",
+                          "--devices", "4", "--batch", "64", "--top", "3", "--json", "--chart", str(chart)],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)  # only the ranking: the script stopped before its training printed anything
+    assert len(result["plans"]) == 3 and all(Plan.from_dict(p["plan"]).world_size == 4 for p in result["plans"])
+    assert {p["plan"]["precision"] for p in result["plans"]} == {"fp32"}  # the profile's precision
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
