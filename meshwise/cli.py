@@ -84,7 +84,8 @@ def _plan_command(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> in
     from meshwise.search import dumps, search, table
 
     if (ns.script is None) == (ns.transformer is None):
-        parser.error("plan needs SCRIPT (a training script to profile) or --transformer SPEC, not both")
+        parser.error("plan needs SCRIPT (a training script to profile) or --transformer SPEC" +
+                     (", not both" if ns.script is not None else ""))
     if ns.script is not None:
         return _plan_script(parser, ns)
     if ns.batch is None:
@@ -139,6 +140,16 @@ def _plan_script(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int
         parser.error(f"--hardware {ns.hardware!r} is unknown: use one of {', '.join(HARDWARE)}")
     if ns.devices < 1 or ns.top < 1 or (ns.batch is not None and ns.batch < 1):
         parser.error("--devices, --top and --batch must be >= 1")
+    if ns.precision == "bf16":
+        parser.error("plan SCRIPT profiles in fp32 and plans fp32; bf16 planning of a script is not available yet")
+    if ns.evaluate:
+        try:
+            fixed = Plan.parse(ns.evaluate)
+        except ValueError as error:
+            parser.error(str(error))
+        if "tp=" in ns.evaluate.replace(" ", "") and fixed.tp != 1:
+            parser.error(f"--evaluate {ns.evaluate}: plan SCRIPT does not search tensor parallelism yet (a profile "
+                         f"has no per-layer communication); leave tp out")
     try:
         budget = _bytes(ns.memory) if ns.memory else None
     except ValueError as error:

@@ -141,6 +141,8 @@ class Workload:
     """Bytes per activation value the byte counts above assume (a profile: what it measured)."""
     tensors: int = 0
     """Parameter tensors (ZeRO-1 broadcasts each one from the rank that updated it)."""
+    optimizer_seconds: float = 0.0
+    """Measured seconds of one optimizer step over all parameters (a profile); 0: from memory bandwidth."""
 
     @property
     def params(self) -> float:
@@ -195,6 +197,7 @@ class Estimate:
     compute: float = 0.0
     communication: float = 0.0
     bubble: float = 0.0
+    optimizer: float = 0.0
     samples_per_s: float = 0.0
     tokens_per_s: float = 0.0
     tflops_per_device: float = 0.0
@@ -238,12 +241,14 @@ def _stage_layers(count: int, stages: int) -> list[int]:
 
 
 def estimate(work: Workload, plan: Plan, hw: Hardware, batch: int, *, budget: float | None = None,
-             sequence_parallel: bool = False) -> Estimate:
+             megatron: bool = False) -> Estimate:
     """Predicted step time and memory per device of ``plan`` for global batches of ``batch`` samples.
 
-    ``sequence_parallel``: model Megatron's sequence parallelism (norms and dropout on
-    sequence shards, so all of a layer's activations divide by tp). meshwise does not
-    implement it; it is here to compare with published runs that used it."""
+    ``megatron``: model a run as Megatron-LM does it, to compare with its published
+    figures: sequence parallelism (all of a layer's activations divide by tp) and, for
+    zero=1, its distributed optimizer (reduce-scatter and all-gather, overlapped).
+    meshwise's own zero=1 is DDP's all-reduce, then ``ZeroRedundancyOptimizer``'s
+    parameter broadcasts after the step, which nothing overlaps."""
     plan = plan.resolved()
     dp, pp, tp, m = plan.dp, plan.pp, plan.tp, plan.microbatches or 1
     budget = hw.memory if budget is None else budget
@@ -277,16 +282,18 @@ def estimate(work: Workload, plan: Plan, hw: Hardware, batch: int, *, budget: fl
         # a profile's measured time: a third forward, two thirds backward
         measured = sum(x.fixed_seconds + x.seconds * b for x in chunk) / tp
         busy = (flops / peak + stream + measured / 3) * shared
-        fwd.append(busy + comm)
-        bwd.append(2 * busy + comm + (busy + comm if plan.checkpointing else 0.0))
+        action = hw.call_overhead * shared if pp > 1 else 0.0  # a pipeline schedule's work per action and send
+        fwd.append(busy + comm + action)
+        bwd.append(2 * busy + comm + action + (busy + comm if plan.checkpointing else 0.0))
         per_sample = sum((x.recompute_bytes if plan.checkpointing and x.recompute_bytes else
-                          x.act_bytes / tp if sequence_parallel else x.act_bytes - x.act_bytes_tp + x.act_bytes_tp / tp)
+                          x.act_bytes / tp if megatron else x.act_bytes - x.act_bytes_tp + x.act_bytes_tp / tp)
                          for x in chunk)
         acts.append(per_sample * b * scale)
         params.append(sum(x.params for x in chunk) / tp)
     p2p = work.output_bytes * b * scale / tp / pp_bw + hw.latency if pp > 1 else 0.0
     # one stage: gradient accumulation runs each micro-batch's forward and backward in turn
-    makespan, in_flight = simulate(plan.schedule if pp > 1 else "1f1b", pp, m, v, tuple(fwd), tuple(bwd), p2p)
+    makespan, _, peaks = simulate(plan.schedule if pp > 1 else "1f1b", pp, m, v, tuple(fwd), tuple(bwd), p2p,
+                                  tuple(acts))
     compute_time = sum(fwd[s] + bwd[s] for s in range(len(chunks))) * m / pp
 
     # data parallelism: gradients reduced once a step, overlapping the last micro-batch's backward
@@ -298,44 +305,50 @@ def estimate(work: Workload, plan: Plan, hw: Hardware, batch: int, *, budget: fl
                                                          hw.latency)
         dp_comm = gather_time(grad_bytes, dp, dp_bw, hw.latency) + gathers
         overlap = compute_time / 2
-    elif plan.zero >= 1:  # reduce-scatter the gradients, all-gather the updated parameters (also zero=2,
-        # and zero=3 in a pipeline, whose stages gather once a step)
+    elif plan.zero >= 2 or (plan.zero == 1 and megatron):  # reduce-scatter the gradients, all-gather the
+        # updated parameters (zero=2; zero=3 in a pipeline, whose stages gather once a step)
         dp_comm = gather_time(grad_bytes, dp, dp_bw, hw.latency) + gather_time(
             per_device[worst] * BYTES[plan.precision][0], dp, dp_bw, hw.latency)
-        if plan.zero == 1:  # torch's ZeroRedundancyOptimizer broadcasts parameter by parameter, after the step
-            dp_comm += work.tensors / pp * (hw.latency + hw.call_overhead) * shared
         overlap = sum(bwd[worst + k * pp] for k in range(v))
     else:
         dp_comm = allreduce_time(grad_bytes, dp, dp_bw, hw.latency)
         overlap = sum(bwd[worst + k * pp] for k in range(v))
     exposed = max(0.0, dp_comm - (overlap if hw.overlap else 0.0)) if dp > 1 else 0.0
+    if plan.zero == 1 and not megatron and dp > 1:  # ZeroRedundancyOptimizer: each updated parameter broadcast
+        # from its owner after the step, tensor by tensor, overlapping nothing
+        exposed += gather_time(per_device[worst] * BYTES[plan.precision][0], dp, dp_bw, hw.latency)
+        exposed += work.tensors / pp * (hw.latency + hw.call_overhead) * shared
     if plan.zero >= 2 and dp > 1:  # FSDP's per-block collectives: one unit per layer of this device, and the root
         units = sum(counts[worst + k * pp] for k in range(v)) + 1
-        # outside a pipeline every micro-batch gathers again (and zero=3 again in backward); a pipeline
-        # stage gathers once a step; each unit reduce-scatters once a step
-        calls = 2 if pp > 1 else (m + 1 if plan.zero == 2 else 2 * m + 1)
+        # every micro-batch passes FSDP's hooks again (outside a pipeline it gathers again, and zero=3
+        # again in backward); each unit reduce-scatters once a step
+        calls = m + 1 if pp > 1 or plan.zero == 2 else 2 * m + 1
         exposed += units * calls * hw.fsdp_overhead * shared
-    optimizer = per_device[worst] * (sum(BYTES[plan.precision]) * 2) / (hw.memory_bw * (dp if plan.zero else 1))
+    share = (dp if plan.zero else 1) * (work.params / tp / per_device[worst] if per_device[worst] else 1.0)
+    optimizer = (work.optimizer_seconds * shared / share if work.optimizer_seconds else
+                 per_device[worst] * (sum(BYTES[plan.precision]) * 2) / (hw.memory_bw * (dp if plan.zero else 1)))
     step = makespan + exposed + optimizer
 
     p, g, o = model_state_bytes(per_device[worst], plan.zero, dp, plan.precision)
     if pp > 1 and plan.zero >= 2:  # a pipeline stage holds its parameters and gradients whole during a step
         p, g = (per_device[worst] * x for x in BYTES[plan.precision][:2])
-    act = max(sum(acts[d + k * pp] * in_flight[d + k * pp] for k in range(v)) for d in range(pp))
+    act = max(peaks)
     mem = Memory(parameters=p, gradients=g, optimizer=o, activations=act, reserved=hw.reserved)
     samples = batch / step
     tflops = work.flops * batch / step / plan.world_size / 1e12
     if mem.total > budget:
         return Estimate(plan, False, f"needs {mem.total / GB:.1f} GB per device, budget {budget / GB:.1f} GB",
-                        step, compute_time, exposed, makespan - compute_time, samples, samples * work.tokens, tflops,
-                        mem)
-    return Estimate(plan, True, "", step, compute_time, exposed, makespan - compute_time, samples,
+                        step, compute_time, exposed, makespan - compute_time, optimizer, samples, samples * work.tokens,
+                        tflops, mem)
+    return Estimate(plan, True, "", step, compute_time, exposed, makespan - compute_time, optimizer, samples,
                     samples * work.tokens, tflops, mem)
 
 
 def _infeasible(work: Workload, plan: Plan, batch: int) -> str:
     dp, pp, tp, m = plan.dp, plan.pp, plan.tp, plan.microbatches or 1
     v = 2 if plan.schedule == "interleaved" and pp > 1 else 1
+    if batch < 1:
+        return f"global batch {batch}: it must be >= 1"
     if work.heads and work.heads % tp:
         return f"tp={tp} does not divide {work.heads} heads"
     if pp * v > len(work.layers):
@@ -354,8 +367,9 @@ def _infeasible(work: Workload, plan: Plan, batch: int) -> str:
 
 @lru_cache(maxsize=4096)
 def simulate(schedule: str, pp: int, m: int, v: int, fwd: tuple[float, ...], bwd: tuple[float, ...],
-             p2p: float) -> tuple[float, tuple[int, ...]]:
-    """Run the schedule's order of actions: (makespan, most micro-batches in flight per stage).
+             p2p: float, acts: tuple[float, ...] | None = None) -> tuple[float, tuple[int, ...], tuple[float, ...]]:
+    """Run the schedule's order of actions: (makespan, most micro-batches in flight per chunk,
+    most activation bytes held per device, given ``acts[c]``, one micro-batch's on chunk c).
 
     ``fwd[c]``/``bwd[c]``: one micro-batch's time on stage chunk c (``pp * v`` chunks; device
     d holds chunks d, d + pp, ...). Each device runs its actions in the schedule's order; an
@@ -371,6 +385,9 @@ def simulate(schedule: str, pp: int, m: int, v: int, fwd: tuple[float, ...], bwd
     position = [0] * pp
     live = [0] * chunks
     most = [0] * chunks
+    held = [0.0] * pp
+    peak = [0.0] * pp
+    weight = acts or (0.0,) * chunks
     remaining = sum(len(o) for o in orders)
     while remaining:
         progressed = False
@@ -392,12 +409,14 @@ def simulate(schedule: str, pp: int, m: int, v: int, fwd: tuple[float, ...], bwd
                 done[(kind, c, i)] = clock[d]
                 live[c] += 1 if kind == "F" else -1
                 most[c] = max(most[c], live[c])
+                held[d] += weight[c] if kind == "F" else -weight[c]
+                peak[d] = max(peak[d], held[d])
                 position[d] += 1
                 remaining -= 1
                 progressed = True
         if not progressed:
             raise RuntimeError(f"schedule {schedule} with pp={pp}, m={m}, v={v} deadlocks in simulation")
-    return max(clock), tuple(most)
+    return max(clock), tuple(most), tuple(peak)
 
 
 def _order(schedule: str, pp: int, m: int, v: int, d: int) -> list[tuple[str, int, int]]:

@@ -147,6 +147,7 @@ class Engine:
     def _watch(self, predicted: Callable[[int], float]) -> None:
         """Time the first steps; after ``AUTO_CHECK_STEPS`` (warm-up excluded) rank 0 prints the
         median measured step time against ``predicted(global batch)``."""
+        import math
         import statistics
         import time
 
@@ -161,9 +162,10 @@ class Engine:
                 measured = statistics.median(times[1:])
                 usual = statistics.mode(rows[1:])
                 expected = predicted(usual)
-                print(f"meshwise: plan {self.plan}: measured step {measured * 1e3:.1f} ms (median of "
-                      f"{AUTO_CHECK_STEPS}, batch {usual}), predicted {expected * 1e3:.1f} ms "
-                      f"({measured / expected - 1:+.0%})", flush=True)
+                judged = (f"predicted {expected * 1e3:.1f} ms ({measured / expected - 1:+.0%})"
+                          if math.isfinite(expected) else "no prediction for that batch (the plan cannot run it)")
+                print(f"meshwise: plan {self.plan}: measured step {measured * 1e3:.1f} ms (median of steps 2 to "
+                      f"{AUTO_CHECK_STEPS + 1}, batch {usual}), {judged}", flush=True)
             return loss
 
         self.step = timed  # type: ignore[method-assign]

@@ -217,12 +217,17 @@ def measure(layers: Sequence[tuple[str, torch.nn.Module]], layer_args: dict[str,
                     stored.append(t.numel() * t.element_size())
                 return t
 
+            device = next((p.device for p in params), torch.device("cpu"))
+            if device.type == "cuda":  # time the work, not its queueing
+                torch.cuda.synchronize(device)
             start = time.perf_counter()
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out = module(*args, **kwargs)
             outs = [t for t in _tensors(out) if t.requires_grad]
             if outs:
                 torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - start
             if r:  # the first run warms up
                 times.append(elapsed)

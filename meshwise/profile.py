@@ -61,38 +61,55 @@ def profile_model(model: torch.nn.Module, sample: Any, device: torch.device, los
         fixed = max(0.0, a.ms / 1e3 - per_row * rows)
         layers.append(cost.Layer(name=a.name, flops=0.0, params=a.params, act_bytes=a.activation_bytes / rows,
                                  seconds=per_row, fixed_seconds=fixed))
-    if loss_fn is not None:
-        whole = [_step_seconds(model, s, loss_fn, optimizer) for s in (sample, data.map_tensors(
+    extra: tuple[cost.Layer, ...] = ()
+    step_seconds = 0.0
+    if loss_fn is not None:  # the model's own code between layers and the loss: with the last stage
+        whole = [_step_seconds(model, s, loss_fn, optimizer, device) for s in (sample, data.map_tensors(
             lambda t: torch.cat([t] * 4), sample))]
         parts = [sum(x.ms for x in small) / 1e3, sum(x.ms for x in large) / 1e3]
-        rest = [max(0.0, w - p) for w, p in zip(whole, parts)]
+        rest = [max(0.0, w - p) for (w, _), p in zip(whole, parts)]
         per_row = max(0.0, (rest[1] - rest[0]) / (3 * rows))
-        layers.append(cost.Layer(name="rest of the step", flops=0.0, params=0.0, act_bytes=0.0, seconds=per_row,
-                                 fixed_seconds=max(0.0, rest[0] - per_row * rows)))
+        extra = (cost.Layer(name="rest of forward, loss and backward", flops=0.0, params=0.0, act_bytes=0.0,
+                            seconds=per_row, fixed_seconds=max(0.0, rest[0] - per_row * rows)),)
+        step_seconds = whole[0][1]  # the optimizer step: once a step, whatever the batch
     sent = max((c.bytes for c in small_cut.crossings[1:-1]), default=0) / rows
-    value_bytes = next((p.element_size() for p in model.parameters()), 4)
+    value_bytes = next((p.element_size() for p in model.parameters()), 4)  # 4 for a model without parameters
     return cost.Workload(name=type(model).__name__, layers=tuple(layers), output_bytes=sent, value_bytes=value_bytes,
-                         tensors=sum(1 for p in model.parameters() if p.requires_grad))
+                         tensors=sum(1 for p in model.parameters() if p.requires_grad), extra_last=extra,
+                         optimizer_seconds=step_seconds)
 
 
-def _step_seconds(model: torch.nn.Module, sample: Any, loss_fn: Any, optimizer: Any, repeats: int = 5) -> float:
-    """Median seconds of a whole training step of a copy of ``model`` on ``sample``."""
+def _sync(device: torch.device) -> None:
+    """Wait for the device, so that wall-clock times measure the work, not its queueing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step_seconds(model: torch.nn.Module, sample: Any, loss_fn: Any, optimizer: Any, device: torch.device,
+                  repeats: int = 5) -> tuple[float, float]:
+    """Median seconds of a training step's forward, loss and backward, and of its optimizer
+    step, for a copy of ``model`` (in train mode) on ``sample``."""
     import copy
 
-    twin = copy.deepcopy(model)
+    twin = copy.deepcopy(model).train()
     opt = optimizer(twin.parameters()) if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer) \
         else torch.optim.SGD(twin.parameters(), lr=0.0)
-    inputs, targets = data.unpack(data.map_tensors(lambda t: t.to(next(twin.parameters()).device), sample))
-    times = []
-    with torch.random.fork_rng(devices=[]):
+    inputs, targets = data.unpack(data.map_tensors(lambda t: t.to(device), sample))
+    passes, steps = [], []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for r in range(repeats + 1):
+            _sync(device)
             start = time.perf_counter()
             loss_fn(data.call(twin, inputs), targets).backward()
+            _sync(device)
+            middle = time.perf_counter()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            _sync(device)
             if r:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
+                passes.append(middle - start)
+                steps.append(time.perf_counter() - middle)
+    return statistics.median(passes), statistics.median(steps)
 
 
 def fit_links(group: Any, device: torch.device, repeats: int = 3) -> tuple[float, float]:
@@ -107,8 +124,10 @@ def fit_links(group: Any, device: torch.device, repeats: int = 3) -> tuple[float
         samples = []
         for _ in range(repeats):
             dist.barrier(group=group)
+            _sync(device)
             start = time.perf_counter()
             dist.all_reduce(buffer, group=group)
+            _sync(device)
             samples.append(time.perf_counter() - start)
         times.append(statistics.median(samples))
     slowest = torch.tensor(times, dtype=torch.float64, device=device)
@@ -161,13 +180,16 @@ def auto_plan(model: torch.nn.Module, sample: Any, device: torch.device, batch: 
                 raise ValueError(f"--plan auto found no feasible plan for {world} processes and a global batch of "
                                  f"{batch}: {'; '.join(reasons)}")
             message = [("ok", best[0], best[1:3], work, hw)]
-        except (ValueError, TypeError) as error:
-            message = [("error", str(error))]
+        except Exception as error:  # every rank must hear of it, or they wait in the broadcast
+            message = [("error", f"{error}" if isinstance(error, (ValueError, TypeError))
+                        else f"--plan auto failed on rank 0: {type(error).__name__}: {error}")]
     dist.broadcast_object_list(message, src=0)
     if message[0][0] == "error":
         raise ValueError(message[0][1])
     _, chosen, runners_up, work, hw = message[0]
     if is_main:
+        print(f"meshwise: --plan auto: planned for a global batch of {batch} rows (parallelize's batch_size, "
+              f"else the sample's)", flush=True)
         print(f"meshwise: --plan auto: profiled {len(work.layers)} layers of {work.name}; links: latency "
               f"{hw.latency * 1e6:.0f} us, {hw.intra_bw / 1e9:.2f} GB/s; {hw.slots or 'no'} core limit", flush=True)
         for label, e in [("chose", chosen), *[("next", r) for r in runners_up]]:
@@ -208,6 +230,6 @@ def answer_search(model: torch.nn.Module, sample: Any, device: torch.device, los
         print(dumps(results, int(request["top"])))
     else:
         print(f"{work.name} ({len(work.layers)} layers profiled on {device.type}, {work.params / 1e6:.2f}M parameters); "
-              f"{devices} processes, links {preset.name}, budget {budget / 2**30:.1f} GiB each; global batch {batch}")
+              f"{devices} processes, links {preset.name}, budget {budget / 1e9:.1f} GB each; global batch {batch}")
         print(table(results, int(request["top"]), budget))
     raise SystemExit(0)

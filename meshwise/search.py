@@ -58,10 +58,13 @@ def search(work: Workload, hw: Hardware, devices: int, batch: int, *, precision:
     if not plans:
         raise ValueError(f"no plan for {devices} devices matches {fixed}: dp x pp x tp must equal {devices}")
     results = [estimate(work, plan, hw, batch, budget=budget) for plan in plans]
-    # within 1% of each other, the simpler plan first: less sharding, fewer stages and micro-batches
-    return sorted(results, key=lambda e: (not e.feasible, round(math.log(e.step_time), 2) if e.step_time > 0 and
-                                          math.isfinite(e.step_time) else math.inf, e.plan.zero, e.plan.pp,
-                                          e.plan.checkpointing, e.plan.microbatches or 1, str(e.plan)))
+    ranked = sorted(results, key=lambda e: (not e.feasible, e.step_time, str(e.plan)))
+    if ranked and ranked[0].feasible:  # within 1% of the fastest, the simpler plan first: less sharding,
+        # fewer stages, no recomputation, fewer micro-batches
+        near = [e for e in ranked if e.feasible and e.step_time <= ranked[0].step_time * 1.01]
+        near.sort(key=lambda e: (e.plan.zero, e.plan.pp, e.plan.checkpointing, e.plan.microbatches or 1, e.step_time))
+        ranked = near + ranked[len(near):]
+    return ranked
 
 
 def as_json(result: Estimate) -> dict[str, Any]:
@@ -78,7 +81,8 @@ def as_json(result: Estimate) -> dict[str, Any]:
         "memory_per_device_bytes": None if mem is None else {
             **{k: v for k, v in dataclasses.asdict(mem).items()}, "total": mem.total},
         "breakdown_s": None if mem is None else {
-            "compute": result.compute, "bubble": result.bubble, "exposed_communication": result.communication},
+            "compute": result.compute, "bubble": result.bubble, "exposed_communication": result.communication,
+            "optimizer": result.optimizer},
     }
 
 
