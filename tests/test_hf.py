@@ -54,8 +54,8 @@ def loss_fn(out, y):
 
 PLANS = {
     2: ["pp=2", "dp=2,zero=3", "tp=2"],
-    4: ["dp=2,pp=2,schedule=interleaved", "pp=2,tp=2", "dp=2,tp=2,zero=1", "dp=2,pp=2,zero=2"],
-    8: ["dp=2,pp=2,tp=2"],
+    4: ["pp=2,tp=2", "dp=2,pp=2,zero=2"],
+    8: ["dp=2,pp=2,tp=2,schedule=interleaved"],
 }
 
 
