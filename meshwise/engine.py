@@ -94,9 +94,8 @@ AUTO_CHECK_STEPS = 10
 """Steps after which an automatically chosen plan's measured step time is printed."""
 
 
-def _engine(model: torch.nn.Module, plan: Plan, ctx: mwdist.Context, **kwargs: Any) -> Engine:
-    loss_fn, optimizer, sample, trace, stages = (kwargs[k] for k in ("loss_fn", "optimizer", "sample", "trace",
-                                                                     "stages"))
+def _engine(model: torch.nn.Module, plan: Plan, ctx: mwdist.Context, *, loss_fn: LossFn | None,
+            optimizer: OptimizerArg | None, sample: Any, trace: bool, stages: Any) -> Engine:
     if plan.pp > 1:  # tensor parallelism and ZeRO inside the stages
         from meshwise.pipeline import PipelineEngine
 

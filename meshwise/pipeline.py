@@ -148,6 +148,7 @@ class PipelineEngine(Engine):
             self.optimizer = shard_optimizer(self.optimizer, local, self.dp_group)
         self._runners: dict[tuple[Any, ...], tuple[list[PipelineStage], Any]] = {}
         self._total = 1
+        self._loss_scale = self.dp_size if plan.zero >= 2 else 1  # FSDP averages over dp; the weights need a sum
         self.recorder = (Recorder(self.rank, self.pp_rank, self.dp_rank, record=self.tp_rank == 0)
                          if trace or os.environ.get(TRACE_ENV) else None)
         if self.recorder is not None and os.environ.get(TRACE_ENV):
@@ -375,8 +376,7 @@ class PipelineEngine(Engine):
     def _weighted_loss(self, output: Any, target: Any) -> torch.Tensor:
         with memory.autocast(self.device, self.plan.precision):
             loss = self._loss(self._structured(output), target)
-        scale = self.dp_size if self.plan.zero >= 2 else 1  # FSDP averages over dp; the weights need a sum
-        return loss * (data.batch_size_of(target) * scale / self._total if self._total else 0.0)
+        return loss * (data.batch_size_of(target) * self._loss_scale / self._total if self._total else 0.0)
 
     def step(self, batch: Any) -> float:
         """One pipelined forward/backward over this replica's share, gradient sync and optimizer step.
@@ -399,8 +399,7 @@ class PipelineEngine(Engine):
             losses: list[torch.Tensor] = []
             schedule.step(*args, target=targets, losses=losses, return_outputs=False)
             if self.holds_last and self.tp_rank == 0 and self._total:
-                loss_sum = torch.stack([x.detach().float() for x in losses]).sum() / (
-                    self.dp_size if self.plan.zero >= 2 else 1)
+                loss_sum = torch.stack([x.detach().float() for x in losses]).sum() / self._loss_scale
             if not self._total:
                 self._total = total
         # last stages hold their replica's share of the mean, others 0; asynchronous, so a stage

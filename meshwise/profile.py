@@ -148,12 +148,12 @@ def local_hardware(device: torch.device, world: int, latency: float, bandwidth: 
     else:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(world, 1)
         slots = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    like = cost.HARDWARE["cpu" if device.type == "cpu" else "h100"]  # software overheads of this kind of host
     return cost.Hardware(name=f"this {device.type} host", flops={"fp32": 1.0, "bf16": 1.0}, memory=memory,
                          intra_bw=bandwidth, inter_bw=bandwidth, devices_per_node=max(world, 1),
                          latency=latency, efficiency=1.0, reserved=256 * 2**20, slots=slots,
-                         overlap=device.type == "cuda",
-                         fsdp_overhead=(cost.HARDWARE["cpu"] if device.type == "cpu" else cost.HARDWARE["h100"]).fsdp_overhead,
-                         call_overhead=(cost.HARDWARE["cpu"] if device.type == "cpu" else cost.HARDWARE["h100"]).call_overhead)
+                         overlap=device.type == "cuda", fsdp_overhead=like.fsdp_overhead,
+                         call_overhead=like.call_overhead)
 
 
 def auto_plan(model: torch.nn.Module, sample: Any, device: torch.device, batch: int, *, is_main: bool,

@@ -79,7 +79,7 @@ def as_json(result: Estimate) -> dict[str, Any]:
         "tokens_per_s": result.tokens_per_s,
         "tflops_per_device": result.tflops_per_device,
         "memory_per_device_bytes": None if mem is None else {
-            **{k: v for k, v in dataclasses.asdict(mem).items()}, "total": mem.total},
+            **dataclasses.asdict(mem), "total": mem.total},
         "breakdown_s": None if mem is None else {
             "compute": result.compute, "bubble": result.bubble, "exposed_communication": result.communication,
             "optimizer": result.optimizer},
