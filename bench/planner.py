@@ -7,15 +7,19 @@ For each world size, one launch (CPU, gloo):
 
 1. ``--plan auto``'s profile: rank 0 measures the demo GPT's layers and the rest of a
    training step, and every rank measures the job's all-reduce. The search ranks every
-   plan without tensor parallelism.
+   plan, tensor parallelism included, and the plans of one process on every core (its
+   profile measured with that many threads).
 2. The top ``--plans`` feasible plans, in predicted order, and as many more spread evenly
    over the rest of the ranking (ZeRO, recomputation and many micro-batches among them)
    are each built and trained: 2 warm-up steps, then the median of ``--steps`` timed
    steps (the slowest rank's).
 
 Printed per world: each plan's predicted and measured step time and the error; the
-median absolute error (target <= 20%); and the auto plan's (the predicted best's)
-measured throughput as a fraction of the best measured plan's (target >= 0.9).
+median absolute error (target <= 20%); the auto plan's (the predicted best's)
+measured throughput as a fraction of the best measured plan's (target >= 0.9); and
+threads against processes: the best one-process plan, run with every core as a thread,
+predicted and measured against the auto plan, and whether the planner and the
+measurement agree on which is faster.
 """
 
 from __future__ import annotations
@@ -36,28 +40,35 @@ def _model() -> GPT:
     return GPT(GPTConfig())
 
 
-def _worker(batch: int, plans: int, steps: int) -> list[tuple[str, float, float]]:
+def _worker(batch: int, plans: int, steps: int, threads: int, specs: list[tuple[str, float]] | None
+            ) -> tuple[list[tuple[str, float, float]], tuple[str, float, int] | None]:
     from meshwise import dist as mwdist
-    from meshwise.profile import fit_links, local_hardware, profile_model
-    from meshwise.search import search
+    from meshwise.profile import cores, fit_links, local_hardware, profile_model, rank_processes
 
+    torch.set_num_threads(threads)
     ctx = mwdist.init("cpu")
     tokens = torch.randint(0, 96, (batch * 4, 65), generator=torch.Generator().manual_seed(3))
     x, y = tokens[:, :-1], tokens[:, 1:]
     opt = lambda p: torch.optim.AdamW(p, lr=1e-3)  # noqa: E731
-    latency, bandwidth = fit_links(dist.group.WORLD, ctx.device)
-    chosen: list[object] = [None]
-    if ctx.rank == 0:
-        work = profile_model(_model(), (x[:batch], y[:batch]), ctx.device, lm_loss, opt)
-        hw = local_hardware(ctx.device, ctx.world_size, latency, bandwidth)
-        feasible = [r for r in search(work, hw, ctx.world_size, batch, precision="fp32",
-                                      fixed={"tp": 1, "precision": "fp32"}) if r.feasible]
-        rest = feasible[plans:]
-        picked = feasible[:plans] + [rest[i * len(rest) // plans] for i in range(min(plans, len(rest)))]
-        chosen = [[(str(r.plan), r.step_time) for r in picked]]
-    dist.broadcast_object_list(chosen, src=0)
+    fewer = None
+    if specs is None:  # plan: every plan for this world, and one process on every core
+        latency, bandwidth = fit_links(dist.group.WORLD, ctx.device)
+        chosen: list[object] = [None]
+        if ctx.rank == 0:
+            choices = [(ctx.world_size, threads), (1, cores())]
+            results, _ = rank_processes(
+                lambda: profile_model(_model(), (x[:batch], y[:batch]), ctx.device, lm_loss, opt,
+                                      tp_upto=ctx.world_size),
+                lambda p: local_hardware(ctx.device, p, latency, bandwidth), choices, batch, fixed={"precision": "fp32"})
+            feasible = [r for r in results if r.feasible and r.plan.world_size == ctx.world_size]
+            rest = feasible[plans:]
+            picked = feasible[:plans] + [rest[i * len(rest) // plans] for i in range(min(plans, len(rest)))]
+            alone = next(r for r in results if r.feasible and r.plan.world_size == 1)
+            chosen = [([(str(r.plan), r.step_time) for r in picked], (str(alone.plan), alone.step_time, alone.threads))]
+        dist.broadcast_object_list(chosen, src=0)
+        specs, fewer = chosen[0]  # type: ignore[misc]
     out = []
-    for spec, predicted in chosen[0]:  # type: ignore[union-attr]
+    for spec, predicted in specs:
         engine = mw.parallelize(_model(), spec, loss_fn=lm_loss, optimizer=opt, sample=(x[:8], y[:8]))
         batches = list(engine.loader((x, y), batch, shuffle=False))
         times = []
@@ -70,7 +81,7 @@ def _worker(batch: int, plans: int, steps: int) -> list[tuple[str, float, float]
         slowest = torch.tensor([statistics.median(times)])
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         out.append((spec, predicted, float(slowest)))
-    return out
+    return out, fewer
 
 
 def main() -> None:
@@ -80,9 +91,12 @@ def main() -> None:
     parser.add_argument("--plans", type=int, default=6, help="top plans measured (and as many more spread out)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per plan")
     args = parser.parse_args()
+    from meshwise.profile import cores
+
     for world in args.worlds:
-        rows = mw.launch(_worker, world, (args.batch, args.plans, args.steps), device="cpu")
-        print(f"world {world}, demo GPT, global batch {args.batch} (CPU, gloo, one thread per process):")
+        threads = max(1, cores() // world)
+        rows, alone = mw.launch(_worker, world, (args.batch, args.plans, args.steps, threads, None), device="cpu")
+        print(f"world {world}, demo GPT, global batch {args.batch} (CPU, gloo, {threads} thread(s) per process):")
         print(f"  {'plan':<52}{'predicted ms':>14}{'measured ms':>13}{'error':>8}")
         errors = []
         for spec, predicted, measured in rows:
@@ -93,6 +107,15 @@ def main() -> None:
         print(f"  median |error| {statistics.median(errors):.0%} over {len(rows)} plans (target <= 20%)")
         print(f"  auto plan {auto[0]}: measured throughput {best[2] / auto[2]:.2f} of the best measured "
               f"({best[0]}) (target >= 0.9)")
+        spec, predicted, alone_threads = alone
+        [(_, _, measured)], _ = mw.launch(_worker, 1, (args.batch, 0, args.steps, alone_threads,
+                                                       [(spec, predicted)]), device="cpu")
+        said = "fewer" if predicted < auto[1] else "more"
+        found = "fewer" if measured < auto[2] else "more"
+        print(f"  threads against processes: 1 process x {alone_threads} threads ({spec}) predicted "
+              f"{predicted * 1e3:.1f} ms, measured {measured * 1e3:.1f} ms ({predicted / measured - 1:+.0%}), against "
+              f"{auto[2] * 1e3:.1f} ms measured for the auto plan: the planner says {said} processes, the "
+              f"measurement {found} ({'agree' if said == found else 'DISAGREE'})")
 
 
 if __name__ == "__main__":

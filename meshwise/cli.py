@@ -144,17 +144,14 @@ def _plan_script(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int
         parser.error("plan SCRIPT profiles in fp32 and plans fp32; bf16 planning of a script is not available yet")
     if ns.evaluate:
         try:
-            fixed = Plan.parse(ns.evaluate)
+            Plan.parse(ns.evaluate)
         except ValueError as error:
             parser.error(str(error))
-        if "tp=" in ns.evaluate.replace(" ", "") and fixed.tp != 1:
-            parser.error(f"--evaluate {ns.evaluate}: plan SCRIPT does not search tensor parallelism yet (a profile "
-                         f"has no per-layer communication); leave tp out")
     try:
         budget = _bytes(ns.memory) if ns.memory else None
     except ValueError as error:
         parser.error(str(error))
-    request = {"devices": ns.devices, "batch": ns.batch, "top": ns.top, "json": ns.json, "hardware": ns.hardware,
+    request = {"script": ns.script, "devices": ns.devices, "batch": ns.batch, "top": ns.top, "json": ns.json, "hardware": ns.hardware,
                "memory": budget, "evaluate": ns.evaluate, "precision": ns.precision, "chart": ns.chart}
     env = {**os.environ, SEARCH_ENV: json.dumps(request)}
     env.pop("RANK", None)  # one plain process, whatever launched this command

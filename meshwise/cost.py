@@ -79,6 +79,13 @@ class Hardware:
     """Seconds of software overhead per collective call beyond the link's latency: 0.6 ms on the
     2-core CPU host (fitted with bench/planner.py at world 2, from ZeRO-1's per-tensor
     broadcasts); the GPU figure is an assumption."""
+    contention: float = 1.0
+    """How much slower processes compute when they outnumber the cores, beyond sharing them
+    (switching, caches): 1.25 on the 2-core CPU host (fitted with bench/planner.py at world 4)."""
+    split_overhead: float = 50e-6
+    """Seconds per module split by tensor parallelism and micro-batch, forward and backward
+    together, beyond its compute and collectives (DTensor's dispatch): 3 ms on the 2-core CPU
+    host (fitted with bench/planner.py at world 2); the GPU figure is an assumption."""
     overlap: bool = True
     """Whether gradient communication overlaps backward compute (GPUs: yes; CPU processes that
     share their cores with gloo's threads: no)."""
@@ -95,7 +102,7 @@ HARDWARE: dict[str, Hardware] = {
     # this kind of development machine: 2 CPU cores, one process per core, gloo over loopback
     "cpu": Hardware("cpu", {"bf16": 20e9, "fp32": 40e9}, 24 * GB, 1 * GB, 1 * GB, 2, latency=110e-6,
                     efficiency=0.5, reserved=0.5 * GIB, memory_bw=10e9, slots=2, fsdp_overhead=3.5e-3, call_overhead=0.6e-3,
-                    overlap=False),
+                    split_overhead=3e-3, contention=1.25, overlap=False),
 }
 
 
@@ -119,6 +126,17 @@ class Layer:
     """Measured forward + backward seconds per sample (a profile); used instead of ``flops``."""
     fixed_seconds: float = 0.0
     """Measured forward + backward seconds per micro-batch, whatever its size (a profile)."""
+    tp_share: float = 1.0
+    """The part of the measured per-sample seconds that tensor parallelism divides by tp (a
+    profile: the FLOPs of the modules it splits, over the layer's)."""
+    whole_params: float = 0.0
+    """Parameters tensor parallelism leaves whole on every rank (norms, unsplit layers)."""
+    tp_calls: int = 0
+    """Tensor-parallel collectives per forward (as many in backward), each costing the
+    hardware's ``call_overhead`` beyond its bytes (a profile; 0: not counted)."""
+    tp_modules: int = 0
+    """Modules tensor parallelism splits, each costing the hardware's ``split_overhead``
+    (a profile; 0: not counted)."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +161,9 @@ class Workload:
     """Parameter tensors (ZeRO-1 broadcasts each one from the rank that updated it)."""
     optimizer_seconds: float = 0.0
     """Measured seconds of one optimizer step over all parameters (a profile); 0: from memory bandwidth."""
+    tp_degrees: tuple[int, ...] | None = None
+    """The tensor-parallel degrees that split the model (a profile: the degrees that split all
+    that tp=2 splits); None: any degree that divides the heads."""
 
     @property
     def params(self) -> float:
@@ -203,6 +224,8 @@ class Estimate:
     tflops_per_device: float = 0.0
     memory: Memory | None = None
     notes: tuple[str, ...] = field(default=())
+    threads: int = 0
+    """Compute threads per process the estimate assumes (CPU hosts); 0: one device per process."""
 
 
 BYTES = {"bf16": (2, 2, 12), "fp32": (4, 4, 8)}
@@ -276,25 +299,33 @@ def estimate(work: Workload, plan: Plan, hw: Hardware, batch: int, *, budget: fl
     for chunk in chunks:
         flops = sum(x.flops for x in chunk) * b / tp
         comm = sum(allreduce_time(x.tp_comm_bytes * b * scale, tp, tp_bw, hw.latency) for x in chunk)
+        if tp > 1:  # per collective call and split module, beyond the bytes (a profile's layers)
+            comm += (sum(x.tp_calls for x in chunk) * hw.call_overhead
+                     + sum(x.tp_modules for x in chunk) * hw.split_overhead / 2)
         # element-wise work (norms, activations, residuals) is bound by memory: its bytes once
         # written and read in forward, twice in backward
         stream = sum(x.act_bytes for x in chunk if x.flops) * b * scale / tp / hw.memory_bw
         # a profile's measured time: a third forward, two thirds backward
-        measured = sum(x.fixed_seconds + x.seconds * b for x in chunk) / tp
-        busy = (flops / peak + stream + measured / 3) * shared
-        action = hw.call_overhead * shared if pp > 1 else 0.0  # a pipeline schedule's work per action and send
+        measured = sum(x.fixed_seconds + x.seconds * b * (1 - x.tp_share + x.tp_share / tp) for x in chunk)
+        busy = flops / peak + stream + measured / 3
+        action = hw.call_overhead if pp > 1 else 0.0  # a pipeline schedule's work per action and send
         fwd.append(busy + comm + action)
         bwd.append(2 * busy + comm + action + (busy + comm if plan.checkpointing else 0.0))
         per_sample = sum((x.recompute_bytes if plan.checkpointing and x.recompute_bytes else
                           x.act_bytes / tp if megatron else x.act_bytes - x.act_bytes_tp + x.act_bytes_tp / tp)
                          for x in chunk)
         acts.append(per_sample * b * scale)
-        params.append(sum(x.params for x in chunk) / tp)
+        params.append(sum((x.params - x.whole_params) / tp + x.whole_params for x in chunk))
     p2p = work.output_bytes * b * scale / tp / pp_bw + hw.latency if pp > 1 else 0.0
     # one stage: gradient accumulation runs each micro-batch's forward and backward in turn
     makespan, _, peaks = simulate(plan.schedule if pp > 1 else "1f1b", pp, m, v, tuple(fwd), tuple(bwd), p2p,
                                   tuple(acts))
     compute_time = sum(fwd[s] + bwd[s] for s in range(len(chunks))) * m / pp
+    # processes that share cores: the schedule runs at full speed where its waits leave another
+    # process the core, but all processes' work together cannot take less than the cores give it
+    if shared > 1:
+        compute_time *= shared * hw.contention
+        makespan = max(makespan * hw.contention, compute_time)
 
     # data parallelism: gradients reduced once a step, overlapping the last micro-batch's backward
     per_device = [sum(params[d + k * pp] for k in range(v)) for d in range(pp)]
@@ -310,14 +341,14 @@ def estimate(work: Workload, plan: Plan, hw: Hardware, batch: int, *, budget: fl
         dp_comm = gather_time(grad_bytes, dp, dp_bw, hw.latency) + gather_time(
             per_device[worst] * BYTES[plan.precision][0], dp, dp_bw, hw.latency)
         overlap = sum(bwd[worst + k * pp] for k in range(v))
-    else:
-        dp_comm = allreduce_time(grad_bytes, dp, dp_bw, hw.latency)
+    else:  # DDP's all-reduce, one call per 25 MB bucket
+        dp_comm = allreduce_time(grad_bytes, dp, dp_bw, hw.latency) + hw.call_overhead * math.ceil(grad_bytes / 25e6)
         overlap = sum(bwd[worst + k * pp] for k in range(v))
     exposed = max(0.0, dp_comm - (overlap if hw.overlap else 0.0)) if dp > 1 else 0.0
     if plan.zero == 1 and not megatron and dp > 1:  # ZeroRedundancyOptimizer: each updated parameter broadcast
         # from its owner after the step, tensor by tensor, overlapping nothing
         exposed += gather_time(per_device[worst] * BYTES[plan.precision][0], dp, dp_bw, hw.latency)
-        exposed += work.tensors / pp * (hw.latency + hw.call_overhead) * shared
+        exposed += work.tensors / pp * (hw.latency + hw.call_overhead * shared)
     if plan.zero >= 2 and dp > 1:  # FSDP's per-block collectives: one unit per layer of this device, and the root
         units = sum(counts[worst + k * pp] for k in range(v)) + 1
         # every micro-batch passes FSDP's hooks again (outside a pipeline it gathers again, and zero=3
@@ -351,6 +382,10 @@ def _infeasible(work: Workload, plan: Plan, batch: int) -> str:
         return f"global batch {batch}: it must be >= 1"
     if work.heads and work.heads % tp:
         return f"tp={tp} does not divide {work.heads} heads"
+    if tp > 1 and work.tp_degrees is not None and tp not in work.tp_degrees:
+        return (f"tp={tp} splits nothing of {work.name} (no attention, MLP pair or vocabulary to split)"
+                if not work.tp_degrees else f"tp={tp} would leave some of what tp={work.tp_degrees[0]} splits whole "
+                f"(widths or heads it does not divide): tp in {{{', '.join(map(str, work.tp_degrees))}}}")
     if pp * v > len(work.layers):
         return f"{pp * v} pipeline stages for {len(work.layers)} layers"
     if batch % (dp * m):

@@ -90,8 +90,9 @@ def parallelize(
     return engine
 
 
-AUTO_CHECK_STEPS = 10
-"""Steps after which an automatically chosen plan's measured step time is printed."""
+AUTO_WARMUP_STEPS, AUTO_CHECK_STEPS = 5, 20
+"""An automatically chosen plan's first steps warm up (allocations, optimizer state); the
+median of the next ones is printed against the prediction."""
 
 
 def _engine(model: torch.nn.Module, plan: Plan, ctx: mwdist.Context, *, loss_fn: LossFn | None,
@@ -157,14 +158,14 @@ class Engine:
             loss = step(batch)
             times.append(time.perf_counter() - start)
             rows.append(data.global_size(batch) or data.batch_size_of(batch) * self.dp_size)
-            if len(times) == AUTO_CHECK_STEPS + 1 and self.is_main:
-                measured = statistics.median(times[1:])
-                usual = statistics.mode(rows[1:])
+            if len(times) == AUTO_WARMUP_STEPS + AUTO_CHECK_STEPS and self.is_main:
+                measured = statistics.median(times[AUTO_WARMUP_STEPS:])
+                usual = statistics.mode(rows[AUTO_WARMUP_STEPS:])
                 expected = predicted(usual)
                 judged = (f"predicted {expected * 1e3:.1f} ms ({measured / expected - 1:+.0%})"
                           if math.isfinite(expected) else "no prediction for that batch (the plan cannot run it)")
-                print(f"meshwise: plan {self.plan}: measured step {measured * 1e3:.1f} ms (median of steps 2 to "
-                      f"{AUTO_CHECK_STEPS + 1}, batch {usual}), {judged}", flush=True)
+                print(f"meshwise: plan {self.plan}: measured step {measured * 1e3:.1f} ms (median of steps "
+                      f"{AUTO_WARMUP_STEPS + 1} to {AUTO_WARMUP_STEPS + AUTO_CHECK_STEPS}, batch {usual}), {judged}", flush=True)
             return loss
 
         self.step = timed  # type: ignore[method-assign]

@@ -17,9 +17,12 @@ fewer, busier processes beat more.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -37,7 +40,7 @@ SIZES = (1 << 12, 1 << 16, 1 << 20, 1 << 23)
 
 
 def profile_model(model: torch.nn.Module, sample: Any, device: torch.device, loss_fn: Any = None,
-                  optimizer: Any = None) -> cost.Workload:
+                  optimizer: Any = None, tp_upto: int = 8) -> cost.Workload:
     """The model's layers, measured on ``sample``'s inputs (fixed + per-row seconds each).
 
     With ``loss_fn`` (and ``optimizer``, a function of the parameters), a whole training
@@ -55,12 +58,17 @@ def profile_model(model: torch.nn.Module, sample: Any, device: torch.device, los
         large_cut = split_model(model, larger)
         small = measure(small_cut.layers, small_cut.layer_args, [c.bytes for c in small_cut.crossings[1:]])
         large = measure(large_cut.layers, large_cut.layer_args, [c.bytes for c in large_cut.crossings[1:]])
+    split, degrees = tensor_costs(model, inputs, list(small_cut.layers), tp_upto)
     layers = []
     for a, b in zip(small, large):
         per_row = max(0.0, (b.ms - a.ms) / 1e3 / (3 * rows))
         fixed = max(0.0, a.ms / 1e3 - per_row * rows)
+        share, whole, sent_tp, calls, modules = split[a.name]
         layers.append(cost.Layer(name=a.name, flops=0.0, params=a.params, act_bytes=a.activation_bytes / rows,
-                                 seconds=per_row, fixed_seconds=fixed))
+                                 act_bytes_tp=share * a.activation_bytes / rows, tp_comm_bytes=sent_tp / rows,
+                                 seconds=per_row, fixed_seconds=fixed, tp_share=share,
+                                 whole_params=whole if degrees else a.params, tp_calls=calls,
+                                 tp_modules=modules))
     extra: tuple[cost.Layer, ...] = ()
     step_seconds = 0.0
     if loss_fn is not None:  # the model's own code between layers and the loss: with the last stage
@@ -76,7 +84,65 @@ def profile_model(model: torch.nn.Module, sample: Any, device: torch.device, los
     value_bytes = next((p.element_size() for p in model.parameters()), 4)  # 4 for a model without parameters
     return cost.Workload(name=type(model).__name__, layers=tuple(layers), output_bytes=sent, value_bytes=value_bytes,
                          tensors=sum(1 for p in model.parameters() if p.requires_grad), extra_last=extra,
-                         optimizer_seconds=step_seconds)
+                         optimizer_seconds=step_seconds, tp_degrees=degrees)
+
+
+def tensor_costs(model: torch.nn.Module, inputs: Any, layers: list[tuple[str, torch.nn.Module]], tp_upto: int
+                 ) -> tuple[dict[str, tuple[float, float, float, int, int]], tuple[int, ...]]:
+    """What tensor parallelism would split of each layer: per layer name, (the share of its
+    FLOPs that divides by tp, parameters kept whole, bytes its collectives carry per forward,
+    collectives per forward, modules split); and the degrees up to ``tp_upto`` that split all that tp=2 does.
+
+    ``meshwise.tensor.tensor_plan`` decides what splits. The FLOPs come from torch's
+    ``FlopCounterMode`` on one forward: a split module's, and an attention's own (its heads
+    split with its projections). Row-parallel outputs are all-reduced; a gathered vocabulary
+    head's logits are all-gathered, half an all-reduce's bytes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from meshwise.tensor import tensor_plan
+
+    plan = tensor_plan(model, 2)
+    styles = plan.sharded
+    kinds = {d.name: d.kind for d in plan.decisions}
+    degrees = tuple(t for t in range(2, tp_upto + 1) if styles and tensor_plan(model, t).sharded == styles)
+    sent: dict[str, float] = {}
+
+    def record(name: str) -> Any:
+        def hook(module: torch.nn.Module, args: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor):
+                half = 0.5 if kinds.get(name) == "vocab head" else 1.0
+                sent[name] = out.numel() * out.element_size() * half
+        return hook
+
+    watched = [n for n, s in styles.items() if s == "rowwise" or kinds.get(n) == "vocab head"]
+    handles = [model.get_submodule(n).register_forward_hook(record(n)) for n in watched]
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            data.call(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    root = type(model).__name__
+    totals = {k[len(root) + 1:]: sum(v.values()) for k, v in counter.get_flop_counts().items()
+              if k.startswith(root + ".")}
+
+    def own(name: str) -> float:  # FLOPs in the module itself, not in its children
+        prefix = name + "."
+        return totals.get(name, 0) - sum(v for k, v in totals.items()
+                                         if k.startswith(prefix) and "." not in k[len(prefix):])
+
+    parents = {n.rsplit(".", 1)[0] for n in styles if "." in n}
+    out = {}
+    for name, module in layers:
+        prefix = name + "."
+        inside = [k for k in totals if k == name or k.startswith(prefix)]
+        split_flops = sum(own(k) for k in inside if k in styles or k in parents)
+        share = split_flops / totals[name] if totals.get(name) else float(name in styles)
+        whole = sum(p.numel() for n, p in module.named_parameters() if f"{name}.{n}".rsplit(".", 1)[0] not in styles)
+        mine = [n for n in watched if n == name or n.startswith(prefix)]
+        split_here = sum(1 for n in styles if n == name or n.startswith(prefix))
+        out[name] = (share, float(whole), sum(sent.get(n, 0.0) for n in mine), len(mine), split_here)
+    return out, degrees
 
 
 def _sync(device: torch.device) -> None:
@@ -112,8 +178,11 @@ def _step_seconds(model: torch.nn.Module, sample: Any, loss_fn: Any, optimizer: 
     return statistics.median(passes), statistics.median(steps)
 
 
-def fit_links(group: Any, device: torch.device, repeats: int = 3) -> tuple[float, float]:
-    """(latency s, bandwidth bytes/s) of a ring all-reduce on ``group``, from the slowest rank."""
+def fit_links(group: Any, device: torch.device, repeats: int = 5) -> tuple[float, float]:
+    """(latency s, bandwidth bytes/s) of a ring all-reduce on ``group``, from the slowest rank.
+
+    Each size's time is the median of ``repeats``: on a host whose processes share cores, the
+    waits between them are part of what every collective costs."""
     n = dist.get_world_size(group)
     if n == 1:
         return 0.0, float("inf")
@@ -147,46 +216,104 @@ def local_hardware(device: torch.device, world: int, latency: float, bandwidth: 
         slots = 0
     else:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(world, 1)
-        slots = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        slots = cores()
     like = cost.HARDWARE["cpu" if device.type == "cpu" else "h100"]  # software overheads of this kind of host
     return cost.Hardware(name=f"this {device.type} host", flops={"fp32": 1.0, "bf16": 1.0}, memory=memory,
                          intra_bw=bandwidth, inter_bw=bandwidth, devices_per_node=max(world, 1),
                          latency=latency, efficiency=1.0, reserved=256 * 2**20, slots=slots,
                          overlap=device.type == "cuda", fsdp_overhead=like.fsdp_overhead,
-                         call_overhead=like.call_overhead)
+                         call_overhead=like.call_overhead, split_overhead=like.split_overhead, contention=like.contention)
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run torch's CPU kernels on ``n`` threads for a while (0: leave them be)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def rank_processes(profile: Callable[[], cost.Workload], hardware: Callable[[int], cost.Hardware],
+                   choices: list[tuple[int, int]], batch: int, *, budget: float | None = None,
+                   fixed: dict[str, Any] | None = None) -> tuple[list[cost.Estimate], dict[int, cost.Workload]]:
+    """Every plan for each (processes, threads per process) choice, ranked together.
+
+    ``profile()`` is measured once per distinct thread count, with torch on that many
+    threads (0: as it is), so the ranking knows from measurement whether fewer processes
+    with more threads each beat more processes. Returns the ranking (each estimate
+    carrying its threads) and the profile per thread count."""
+    from meshwise.search import rank, search
+
+    profiles: dict[int, cost.Workload] = {}
+    out: list[cost.Estimate] = []
+    mismatch = None
+    fixed = dict(fixed or {})
+    for processes, threads in choices:
+        if threads not in profiles:
+            with torch_threads(threads):
+                profiles[threads] = profile()
+        try:
+            results = search(profiles[threads], hardware(processes), processes, batch,
+                             precision=fixed.get("precision", "fp32"), budget=budget, fixed=fixed)
+        except ValueError as error:  # fixed degrees that need another process count
+            mismatch = error
+            continue
+        out += [dataclasses.replace(r, threads=threads) for r in results]
+    if not out and mismatch is not None:
+        raise mismatch
+    return rank(out), profiles
 
 
 def auto_plan(model: torch.nn.Module, sample: Any, device: torch.device, batch: int, *, is_main: bool,
               loss_fn: Any = None, optimizer: Any = None) -> tuple[Plan, Any]:
     """Profile, search and agree on a plan on every rank (a collective); rank 0 says why.
 
+    On CPU hosts rank 0 also profiles with the threads fewer processes would have, and
+    says when fewer processes are predicted faster (the job's size is the user's to change).
     Returns the plan and its predicted step seconds as a function of the global batch."""
-    from meshwise.search import search
-
     world = dist.get_world_size()
     latency, bandwidth = fit_links(dist.group.WORLD, device)
     message: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
-            work = profile_model(model, sample, device, loss_fn, optimizer)
-            hw = local_hardware(device, world, latency, bandwidth)
-            # tensor parallelism needs a model of its communication per layer, which a profile of an
-            # arbitrary model lacks: the automatic search covers dp, pp, ZeRO, schedule, micro-batches
-            # and recomputation
-            results = search(work, hw, world, batch, precision="fp32", fixed={"tp": 1, "precision": "fp32"})
-            best = [r for r in results if r.feasible]
+            now = torch.get_num_threads() if device.type == "cpu" else 0
+            choices = [(world, now)]
+            if device.type == "cpu":
+                choices += [(p, max(1, cores() // p)) for p in range(1, world)]
+            results, profiles = rank_processes(
+                lambda: profile_model(model, sample, device, loss_fn, optimizer, tp_upto=world),
+                lambda p: local_hardware(device, p, latency, bandwidth), choices, batch,
+                fixed={"precision": "fp32"})
+            best = [r for r in results if r.feasible and r.plan.world_size == world]
             if not best:
-                reasons = sorted({r.reason for r in results})[:3]
+                reasons = sorted({r.reason for r in results if r.plan.world_size == world})[:3]
                 raise ValueError(f"--plan auto found no feasible plan for {world} processes and a global batch of "
                                  f"{batch}: {'; '.join(reasons)}")
-            message = [("ok", best[0], best[1:3], work, hw)]
+            fewer = next((r for r in results if r.feasible), best[0])
+            hint = ""
+            if fewer.plan.world_size < world and fewer.step_time < 0.9 * best[0].step_time:
+                hint = (f"meshwise: --plan auto: {fewer.plan.world_size} process(es) with {fewer.threads} threads "
+                        f"each are predicted faster ({fewer.step_time * 1e3:.1f} ms a step with {fewer.plan}, "
+                        f"{best[0].step_time / fewer.step_time:.2f}x): run OMP_NUM_THREADS={fewer.threads} "
+                        f"meshwise run --nproc {fewer.plan.world_size} --plan auto ...")
+            message = [("ok", best[0], best[1:3], profiles[now], local_hardware(device, world, latency, bandwidth),
+                        hint)]
         except Exception as error:  # every rank must hear of it, or they wait in the broadcast
             message = [("error", f"{error}" if isinstance(error, (ValueError, TypeError))
                         else f"--plan auto failed on rank 0: {type(error).__name__}: {error}")]
     dist.broadcast_object_list(message, src=0)
     if message[0][0] == "error":
         raise ValueError(message[0][1])
-    _, chosen, runners_up, work, hw = message[0]
+    _, chosen, runners_up, work, hw, hint = message[0]
     if is_main:
         print(f"meshwise: --plan auto: planned for a global batch of {batch} rows (parallelize's batch_size, "
               f"else the sample's)", flush=True)
@@ -196,6 +323,8 @@ def auto_plan(model: torch.nn.Module, sample: Any, device: torch.device, batch: 
             assert e.memory is not None
             print(f"meshwise: {label} {e.plan}: predicted step {e.step_time * 1e3:.1f} ms, {e.samples_per_s:.0f} "
                   f"samples/s, {e.memory.total / 2**20:.0f} MiB per process", flush=True)
+        if hint:
+            print(hint, flush=True)
 
     def predict(rows: int) -> float:
         return cost.estimate(work, chosen.plan, hw, rows).step_time
@@ -206,30 +335,45 @@ def auto_plan(model: torch.nn.Module, sample: Any, device: torch.device, batch: 
 def answer_search(model: torch.nn.Module, sample: Any, device: torch.device, loss_fn: Any, optimizer: Any,
                   request: dict[str, Any]) -> None:
     """``meshwise plan SCRIPT``: profile here, rank the plans for ``devices`` processes of this
-    kind, print them (table or JSON), and stop the script (SystemExit 0)."""
-    from meshwise.search import chart, dumps, search, table
+    kind, print them (table or JSON), and stop the script (SystemExit 0).
+
+    On a CPU host ``devices`` is the most processes: each count from 1 up is ranked, with
+    the cores shared out as threads, each thread count measured."""
+    from meshwise.search import chart, dumps, table
 
     if sample is None:
         raise ValueError("meshwise plan SCRIPT profiles the model on a sample: pass sample=(x, y) to parallelize")
-    work = profile_model(model, sample, device, loss_fn, optimizer)
     preset = cost.HARDWARE[request.get("hardware") or ("cpu" if device.type == "cpu" else "h100")]
     devices = int(request["devices"])
-    hw = local_hardware(device, devices, preset.latency, preset.intra_bw)
-    hw = cost.Hardware(**{**hw.__dict__, "inter_bw": preset.inter_bw,
-                          "devices_per_node": devices if device.type == "cpu" else preset.devices_per_node})
+
+    def hardware(processes: int) -> cost.Hardware:
+        hw = local_hardware(device, processes, preset.latency, preset.intra_bw)
+        return cost.Hardware(**{**hw.__dict__, "inter_bw": preset.inter_bw,
+                                "devices_per_node": processes if device.type == "cpu" else preset.devices_per_node})
+
     batch = request.get("batch") or data.batch_size_of(data.unpack(sample)[0])
-    fixed = {"tp": 1, "precision": request.get("precision") or "fp32"}
+    fixed: dict[str, Any] = {"precision": request.get("precision") or "fp32"}
     if request.get("evaluate"):
         named = {part.split("=", 1)[0].strip() for part in request["evaluate"].split(",") if part.strip()}
         fixed.update({k: v for k, v in Plan.parse(request["evaluate"]).to_dict().items() if k in named})
-    budget = request.get("memory") or hw.memory
-    results = search(work, hw, devices, batch, precision=fixed["precision"], budget=budget, fixed=fixed)
+    budget = request.get("memory") or hardware(devices).memory
+    choices = [(p, max(1, cores() // p)) for p in range(1, devices + 1)] if device.type == "cpu" else [(devices, 0)]
+    results, profiles = rank_processes(
+        lambda: profile_model(model, sample, device, loss_fn, optimizer, tp_upto=devices), hardware, choices, batch,
+        budget=budget, fixed=fixed)
+    work = next(iter(profiles.values()))
+    where = f"up to {devices} processes on {cores()} cores" if device.type == "cpu" else f"{devices} processes"
     if request.get("chart"):
-        chart(results, request["chart"], f"{work.name}: {devices} processes, batch {batch}")
+        chart(results, request["chart"], f"{work.name}: {where}, batch {batch}")
     if request.get("json"):
         print(dumps(results, int(request["top"])))
     else:
         print(f"{work.name} ({len(work.layers)} layers profiled on {device.type}, {work.params / 1e6:.2f}M parameters); "
-              f"{devices} processes, links {preset.name}, budget {budget / 1e9:.1f} GB each; global batch {batch}")
+              f"{where}, links {preset.name}, budget {budget / 1e9:.1f} GB each; global batch {batch}")
         print(table(results, int(request["top"]), budget))
+        best = next((r for r in results if r.feasible), None)
+        if best is not None:
+            threads = f"OMP_NUM_THREADS={best.threads} " if best.threads else ""
+            print(f"run the best: {threads}meshwise run --nproc {best.plan.world_size} --plan {best.plan} "
+                  f"{request.get('script') or 'SCRIPT'}")
     raise SystemExit(0)

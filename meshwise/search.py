@@ -57,12 +57,18 @@ def search(work: Workload, hw: Hardware, devices: int, batch: int, *, precision:
     plans = candidates(devices, batch, precision=precision, fixed=fixed, layers=len(work.layers))
     if not plans:
         raise ValueError(f"no plan for {devices} devices matches {fixed}: dp x pp x tp must equal {devices}")
-    results = [estimate(work, plan, hw, batch, budget=budget) for plan in plans]
+    return rank([estimate(work, plan, hw, batch, budget=budget) for plan in plans])
+
+
+def rank(results: list[Estimate]) -> list[Estimate]:
+    """The feasible estimates fastest first, then the rejected ones. Within 1% of the fastest,
+    the simpler plan comes first: fewer processes, less sharding, fewer stages, no
+    recomputation, fewer micro-batches."""
     ranked = sorted(results, key=lambda e: (not e.feasible, e.step_time, str(e.plan)))
-    if ranked and ranked[0].feasible:  # within 1% of the fastest, the simpler plan first: less sharding,
-        # fewer stages, no recomputation, fewer micro-batches
+    if ranked and ranked[0].feasible:
         near = [e for e in ranked if e.feasible and e.step_time <= ranked[0].step_time * 1.01]
-        near.sort(key=lambda e: (e.plan.zero, e.plan.pp, e.plan.checkpointing, e.plan.microbatches or 1, e.step_time))
+        near.sort(key=lambda e: (e.plan.world_size, e.plan.zero, e.plan.pp, e.plan.tp, e.plan.checkpointing,
+                                 e.plan.microbatches or 1, e.step_time))
         ranked = near + ranked[len(near):]
     return ranked
 
@@ -72,6 +78,8 @@ def as_json(result: Estimate) -> dict[str, Any]:
     mem = result.memory
     return {
         "plan": result.plan.to_dict(),
+        "processes": result.plan.world_size,
+        "threads_per_process": result.threads or None,
         "feasible": result.feasible,
         "reason": result.reason,
         "step_time_s": result.step_time if result.memory else None,
@@ -89,12 +97,14 @@ def as_json(result: Estimate) -> dict[str, Any]:
 def table(results: list[Estimate], top: int, budget: float) -> str:
     """The best ``top`` plans, then the reasons the others were rejected (most common first)."""
     feasible = [r for r in results if r.feasible]
-    rows = [f"{'#':>3}  {'plan':<62}{'step s':>9}{'samples/s':>11}{'TFLOP/s/dev':>13}{'memory GB':>11}"
+    threads = any(r.threads for r in results)
+    rows = [f"{'#':>3}  {'plan':<62}{'procs x threads  ' if threads else ''}{'step s':>9}{'samples/s':>11}{'TFLOP/s/dev':>13}{'memory GB':>11}"
             f"  (params/grads/optim/acts)"]
     for i, r in enumerate(feasible[:top], 1):
         m = r.memory
         assert m is not None
-        rows.append(f"{i:>3}  {str(r.plan):<62}{r.step_time:>9.3f}{r.samples_per_s:>11.1f}{r.tflops_per_device:>13.1f}"
+        shape = f"{r.plan.world_size:>5} x {r.threads:<9}" if threads else ""
+        rows.append(f"{i:>3}  {str(r.plan):<62}{shape}{r.step_time:>9.4g}{r.samples_per_s:>11.1f}{r.tflops_per_device:>13.1f}"
                     f"{m.total / GB:>11.1f}  ({m.parameters / GB:.1f}/{m.gradients / GB:.1f}/{m.optimizer / GB:.1f}/"
                     f"{m.activations / GB:.1f})")
     rejected: dict[str, int] = {}

@@ -14,8 +14,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from meshwise.cost import GB, HARDWARE, Workload, estimate, model_state_bytes, simulate
+from typing import Any
+
+from meshwise.cost import GB, HARDWARE, Layer, Workload, estimate, model_state_bytes, simulate
 from meshwise.plan import Plan
 from meshwise.search import as_json, search
 
@@ -122,6 +125,57 @@ def test_json_has_the_documented_fields() -> None:
     assert Plan.from_dict(row["plan"]).world_size == 4
 
 
+def _threaded_profile(speedup: float) -> Workload:
+    """A profiled workload whose measured seconds depend on the threads torch runs on at
+    profiling time: ``speedup`` from 1 to 2 threads."""
+    threads = torch.get_num_threads()
+    seconds = 1e-3 / (speedup if threads >= 2 else 1.0)
+    layer = Layer("block", flops=0.0, params=6e5, act_bytes=1e4, seconds=seconds)
+    return Workload("toy", (layer,) * 4, output_bytes=1e3, value_bytes=4, tp_degrees=())
+
+
+@pytest.mark.parametrize(("speedup", "processes"), [(1.9, 1), (1.0, 2)])
+def test_cpu_search_measures_threads_against_processes(speedup: float, processes: int) -> None:
+    """The same model, measured faster or not on 2 threads: one 2-thread process wins, or two."""
+    from meshwise.profile import local_hardware, rank_processes
+
+    def hardware(n: int) -> Any:
+        return local_hardware(torch.device("cpu"), n, HARDWARE["cpu"].latency, HARDWARE["cpu"].intra_bw)
+
+    seen = []
+
+    def profile() -> Workload:
+        seen.append(torch.get_num_threads())
+        return _threaded_profile(speedup)
+
+    results, profiles = rank_processes(profile, hardware, [(1, 2), (2, 1)], 64)
+    assert sorted(seen) == [1, 2] and set(profiles) == {1, 2}  # measured once per thread count
+    best = results[0]
+    assert best.feasible and (best.plan.world_size, best.threads) == (processes, 2 // processes)
+    assert {r.reason for r in results if not r.feasible} >= {"tp=2 splits nothing of toy (no attention, MLP pair or "
+                                                               "vocabulary to split)"}
+
+
+def test_profile_knows_what_tensor_parallelism_splits() -> None:
+    from meshwise.gpt import GPT, GPTConfig, lm_loss
+    from meshwise.profile import profile_model
+
+    torch.manual_seed(0)
+    config = GPTConfig()
+    tokens = torch.randint(0, config.vocab, (4, config.context + 1))
+    work = profile_model(GPT(config), (tokens[:, :-1], tokens[:, 1:]), torch.device("cpu"), lm_loss)
+    assert work.tp_degrees == tuple(t for t in range(2, 9) if config.heads % t == 0)
+    block = next(x for x in work.layers if x.name == "blocks.0")
+    # every matrix product of a block splits; two row-parallel outputs (attention, MLP) are all-reduced
+    assert block.tp_share == pytest.approx(1.0) and block.tp_calls == 2
+    assert block.tp_comm_bytes == 2 * config.context * config.hidden * 4
+    assert block.whole_params == 4 * config.hidden  # the two norms
+    plain = estimate(work, Plan(tp=1), HARDWARE["cpu"], 8)
+    split = estimate(work, Plan(tp=2), HARDWARE["cpu"], 8)
+    assert split.memory.parameters < plain.memory.parameters and split.feasible
+    assert not estimate(work, Plan(tp=3), HARDWARE["cpu"], 8).feasible
+
+
 def test_plan_command_simulates_and_refuses_bad_input() -> None:
     cmd = [sys.executable, "-m", "meshwise.cli", "plan", "--transformer",
            "layers=32,hidden=4096,heads=32,seq=4096,vocab=32000", "--batch", "512", "--devices", "64",
@@ -186,10 +240,15 @@ def test_meshwise_run_plan_auto_prints_its_choice_and_the_measured_step() -> Non
 def test_plan_script_profiles_the_scripts_model_and_stops_before_training(tmp_path) -> None:
     chart = tmp_path / "plans.png"
     out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "meshwise"), "plan", "examples/quickstart.py",
-                          "--devices", "4", "--batch", "64", "--top", "3", "--json", "--chart", str(chart)],
+                          "--devices", "4", "--batch", "64", "--top", "500", "--json", "--chart", str(chart)],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)  # only the ranking: the script stopped before its training printed anything
-    assert len(result["plans"]) == 3 and all(Plan.from_dict(p["plan"]).world_size == 4 for p in result["plans"])
+    cores = len(os.sched_getaffinity(0))
+    # on a CPU host, 1 to 4 processes, the cores shared out between them as threads
+    assert 3 <= len(result["plans"]) <= 500
+    assert all(p["processes"] == Plan.from_dict(p["plan"]).world_size <= 4 for p in result["plans"])
+    assert all(p["threads_per_process"] == max(1, cores // p["processes"]) for p in result["plans"])
+    assert {p["processes"] for p in result["plans"] + result["rejected"]} == {1, 2, 3, 4}
     assert {p["plan"]["precision"] for p in result["plans"]} == {"fp32"}  # the profile's precision
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
