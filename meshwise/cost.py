@@ -13,7 +13,7 @@ GPUs. Three inputs:
 communication and pipeline bubble, throughput, achieved TFLOP/s, and memory per
 device split into parameters, gradients, optimizer state and activations. The
 pipeline's timing comes from **simulating the schedule's order of actions**
-(``simulate``), not from the bubble formula alone.
+(``meshwise.schedule.simulate``), not from the bubble formula alone.
 
 Conventions, stated once:
 
@@ -36,10 +36,12 @@ Conventions, stated once:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 from meshwise.plan import Plan, interleaved_rounds_ok
+from meshwise.schedule import simulate
 
 GB = 1e9
 GIB = 2**30
@@ -81,7 +83,7 @@ class Hardware:
     broadcasts); the GPU figure is an assumption."""
     contention: float = 1.0
     """How much slower processes compute when they outnumber the cores, beyond sharing them
-    (switching, caches): 1.25 on the 2-core CPU host (fitted with bench/planner.py at world 4)."""
+    (switching, caches): 1.4 on the 2-core CPU host (fitted with bench/planner.py at world 4)."""
     split_overhead: float = 50e-6
     """Seconds per module split by tensor parallelism and micro-batch, forward and backward
     together, beyond its compute and collectives (DTensor's dispatch): 3 ms on the 2-core CPU
@@ -102,7 +104,7 @@ HARDWARE: dict[str, Hardware] = {
     # this kind of development machine: 2 CPU cores, one process per core, gloo over loopback
     "cpu": Hardware("cpu", {"bf16": 20e9, "fp32": 40e9}, 24 * GB, 1 * GB, 1 * GB, 2, latency=110e-6,
                     efficiency=0.5, reserved=0.5 * GIB, memory_bw=10e9, slots=2, fsdp_overhead=3.5e-3, call_overhead=0.6e-3,
-                    split_overhead=3e-3, contention=1.25, overlap=False),
+                    split_overhead=3e-3, contention=1.4, overlap=False),
 }
 
 
@@ -126,6 +128,9 @@ class Layer:
     """Measured forward + backward seconds per sample (a profile); used instead of ``flops``."""
     fixed_seconds: float = 0.0
     """Measured forward + backward seconds per micro-batch, whatever its size (a profile)."""
+    points: tuple[tuple[int, float], ...] = ()
+    """Measured (rows, forward + backward seconds) of a profile, ascending: ``time`` follows
+    them, straight between points and along the end segments beyond them."""
     tp_share: float = 1.0
     """The part of the measured per-sample seconds that tensor parallelism divides by tp (a
     profile: the FLOPs of the modules it splits, over the layer's)."""
@@ -137,6 +142,19 @@ class Layer:
     tp_modules: int = 0
     """Modules tensor parallelism splits, each costing the hardware's ``split_overhead``
     (a profile; 0: not counted)."""
+
+    def time(self, rows: float, tp: int = 1) -> float:
+        """Measured forward + backward seconds of a micro-batch of ``rows`` on each of ``tp``
+        ranks: the part beyond the fixed seconds that ``tp_share`` covers divides by tp."""
+        if len(self.points) >= 2:
+            pts = self.points
+            i = next((k for k in range(1, len(pts) - 1) if rows <= pts[k][0]), len(pts) - 1)
+            (r0, t0), (r1, t1) = pts[i - 1], pts[i]
+            total = max(0.0, t0 + (t1 - t0) * (rows - r0) / (r1 - r0)) if r1 != r0 else t1
+        else:
+            total = self.fixed_seconds + self.seconds * rows
+        varying = max(0.0, total - self.fixed_seconds)
+        return total - varying * self.tp_share * (1 - 1 / tp)
 
 
 @dataclass(frozen=True)
@@ -257,10 +275,71 @@ def gather_time(nbytes: float, n: int, bw: float, latency: float) -> float:
     return (n - 1) / n * nbytes / bw + (n - 1) * latency
 
 
-def _stage_layers(count: int, stages: int) -> list[int]:
-    """Layers per stage, as even as can be (the earlier stages take the remainder)."""
-    base, extra = divmod(count, stages)
+def _stage_layers(work: Workload, stages: int, rows: int) -> list[int]:
+    """Layers per stage. Layers of a profile are cut as the pipeline engine cuts them, by
+    measured time (``balance``); layers by FLOPs, as even in count as can be (the earlier
+    stages take the remainder)."""
+    if any(x.seconds or x.fixed_seconds or x.points for x in work.layers):
+        return list(_balanced(tuple(x.time(rows) for x in work.layers), stages))
+    base, extra = divmod(len(work.layers), stages)
     return [base + (1 if i < extra else 0) for i in range(stages)]
+
+
+@lru_cache(maxsize=1024)
+def _balanced(costs: tuple[float, ...], stages: int) -> tuple[int, ...]:
+    return tuple(j - i for i, j in balance(costs, stages))
+
+
+def balance(costs: Sequence[float], stages: int, *, memory: Sequence[int] | None = None,
+            limit: int | None = None, allowed: set[int] | None = None) -> list[tuple[int, int]]:
+    """Contiguous split of ``costs`` into ``stages`` non-empty parts minimising the largest sum.
+
+    With ``memory`` and ``limit``, every part's memory sum must stay <= limit; with
+    ``allowed``, a part may only begin at an index in it (0 always may). Exact:
+    best[k][i] = min over j < i of max(best[k-1][j], cost(j, i)), the cheapest way to
+    put the first i layers into k stages.
+    """
+    n = len(costs)
+    if not 1 <= stages <= n:
+        raise ValueError(f"cannot cut {n} layers into {stages} non-empty stages; use 1..{n} stages")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    mem_prefix = [0]
+    for m in memory or [0] * n:
+        mem_prefix.append(mem_prefix[-1] + m)
+
+    def fits(j: int, i: int) -> bool:
+        return limit is None or mem_prefix[i] - mem_prefix[j] <= limit
+
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, stages + 1):
+        for i in range(k, n - (stages - k) + 1):
+            for j in range(k - 1, i):
+                if best[k - 1][j] == inf or not fits(j, i) or (allowed is not None and j and j not in allowed):
+                    continue
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                if value < best[k][i]:
+                    best[k][i], cut[k][i] = value, j
+    if best[stages][n] == inf and limit is None:
+        raise ValueError(f"cannot cut {n} layers into {stages} stages at the allowed points "
+                         f"{sorted(allowed or ())}; use fewer stages")
+    if best[stages][n] == inf:
+        worst = max(range(n), key=lambda i: mem_prefix[i + 1] - mem_prefix[i])
+        raise ValueError(
+            f"no split into {stages} stages keeps every stage within {limit:,} bytes (layer {worst} alone "
+            f"needs {mem_prefix[worst + 1] - mem_prefix[worst]:,}); raise the limit or use more stages"
+        )
+    bounds, i = [], n
+    for k in range(stages, 0, -1):
+        bounds.append((cut[k][i], i))
+        i = cut[k][i]
+    return bounds[::-1]
+
+
 
 
 def estimate(work: Workload, plan: Plan, hw: Hardware, batch: int, *, budget: float | None = None,
@@ -283,7 +362,7 @@ def estimate(work: Workload, plan: Plan, hw: Hardware, batch: int, *, budget: fl
     scale = (4 if plan.precision == "fp32" else 2) / work.value_bytes  # activation bytes in the plan's precision
     peak = hw.flops[plan.precision] * hw.efficiency
     shared = max(1.0, min(plan.world_size, hw.devices_per_node) / hw.slots) if hw.slots else 1.0
-    counts = _stage_layers(len(work.layers), pp * v)
+    counts = _stage_layers(work, pp * v, b)
     chunks: list[list[Layer]] = []
     start = 0
     for c in counts:
@@ -296,21 +375,24 @@ def estimate(work: Workload, plan: Plan, hw: Hardware, batch: int, *, budget: fl
     dp_bw = hw.intra_bw if dp * pp * tp <= hw.devices_per_node else hw.inter_bw
 
     fwd, bwd, acts, params = [], [], [], []
+    cpu = 0.0  # one micro-batch's work through this device's chunks that keeps a processor busy
     for chunk in chunks:
         flops = sum(x.flops for x in chunk) * b / tp
         comm = sum(allreduce_time(x.tp_comm_bytes * b * scale, tp, tp_bw, hw.latency) for x in chunk)
+        software = 0.0
         if tp > 1:  # per collective call and split module, beyond the bytes (a profile's layers)
-            comm += (sum(x.tp_calls for x in chunk) * hw.call_overhead
-                     + sum(x.tp_modules for x in chunk) * hw.split_overhead / 2)
+            software = (sum(x.tp_calls for x in chunk) * hw.call_overhead
+                        + sum(x.tp_modules for x in chunk) * hw.split_overhead / 2)
         # element-wise work (norms, activations, residuals) is bound by memory: its bytes once
         # written and read in forward, twice in backward
         stream = sum(x.act_bytes for x in chunk if x.flops) * b * scale / tp / hw.memory_bw
         # a profile's measured time: a third forward, two thirds backward
-        measured = sum(x.fixed_seconds + x.seconds * b * (1 - x.tp_share + x.tp_share / tp) for x in chunk)
+        measured = sum(x.time(b, tp) for x in chunk)
         busy = flops / peak + stream + measured / 3
         action = hw.call_overhead if pp > 1 else 0.0  # a pipeline schedule's work per action and send
-        fwd.append(busy + comm + action)
-        bwd.append(2 * busy + comm + action + (busy + comm if plan.checkpointing else 0.0))
+        fwd.append(busy + comm + software + action)
+        bwd.append(2 * busy + comm + software + action + (busy + comm + software if plan.checkpointing else 0.0))
+        cpu += (3 + plan.checkpointing) * busy + (2 + plan.checkpointing) * software + 2 * action
         per_sample = sum((x.recompute_bytes if plan.checkpointing and x.recompute_bytes else
                           x.act_bytes / tp if megatron else x.act_bytes - x.act_bytes_tp + x.act_bytes_tp / tp)
                          for x in chunk)
@@ -321,11 +403,6 @@ def estimate(work: Workload, plan: Plan, hw: Hardware, batch: int, *, budget: fl
     makespan, _, peaks = simulate(plan.schedule if pp > 1 else "1f1b", pp, m, v, tuple(fwd), tuple(bwd), p2p,
                                   tuple(acts))
     compute_time = sum(fwd[s] + bwd[s] for s in range(len(chunks))) * m / pp
-    # processes that share cores: the schedule runs at full speed where its waits leave another
-    # process the core, but all processes' work together cannot take less than the cores give it
-    if shared > 1:
-        compute_time *= shared * hw.contention
-        makespan = max(makespan * hw.contention, compute_time)
 
     # data parallelism: gradients reduced once a step, overlapping the last micro-batch's backward
     per_device = [sum(params[d + k * pp] for k in range(v)) for d in range(pp)]
@@ -345,20 +422,29 @@ def estimate(work: Workload, plan: Plan, hw: Hardware, batch: int, *, budget: fl
         dp_comm = allreduce_time(grad_bytes, dp, dp_bw, hw.latency) + hw.call_overhead * math.ceil(grad_bytes / 25e6)
         overlap = sum(bwd[worst + k * pp] for k in range(v))
     exposed = max(0.0, dp_comm - (overlap if hw.overlap else 0.0)) if dp > 1 else 0.0
+    overheads = 0.0  # software time of the collectives below, which keeps a processor busy
     if plan.zero == 1 and not megatron and dp > 1:  # ZeroRedundancyOptimizer: each updated parameter broadcast
         # from its owner after the step, tensor by tensor, overlapping nothing
         exposed += gather_time(per_device[worst] * BYTES[plan.precision][0], dp, dp_bw, hw.latency)
-        exposed += work.tensors / pp * (hw.latency + hw.call_overhead * shared)
+        exposed += work.tensors / pp * hw.latency
+        overheads = work.tensors / pp * hw.call_overhead
+        exposed += overheads
     if plan.zero >= 2 and dp > 1:  # FSDP's per-block collectives: one unit per layer of this device, and the root
         units = sum(counts[worst + k * pp] for k in range(v)) + 1
         # every micro-batch passes FSDP's hooks again (outside a pipeline it gathers again, and zero=3
         # again in backward); each unit reduce-scatters once a step
         calls = m + 1 if pp > 1 or plan.zero == 2 else 2 * m + 1
-        exposed += units * calls * hw.fsdp_overhead * shared
+        exposed += units * calls * hw.fsdp_overhead  # mostly waiting on the slowest rank: not in ``overheads``
     share = (dp if plan.zero else 1) * (work.params / tp / per_device[worst] if per_device[worst] else 1.0)
-    optimizer = (work.optimizer_seconds * shared / share if work.optimizer_seconds else
+    optimizer = (work.optimizer_seconds / share if work.optimizer_seconds else
                  per_device[worst] * (sum(BYTES[plan.precision]) * 2) / (hw.memory_bw * (dp if plan.zero else 1)))
     step = makespan + exposed + optimizer
+    if shared > 1:  # processes that share cores: each runs at full speed while another waits, but together
+        # they cannot take less than the cores give them; and they run slower for switching between them
+        busy_step = (cpu * m / pp + overheads + optimizer) * shared
+        factor = max(step, busy_step) * hw.contention / step
+        step, makespan, compute_time, exposed, optimizer = (x * factor for x in (step, makespan, compute_time,
+                                                                                exposed, optimizer))
 
     p, g, o = model_state_bytes(per_device[worst], plan.zero, dp, plan.precision)
     if pp > 1 and plan.zero >= 2:  # a pipeline stage holds its parameters and gradients whole during a step
@@ -398,89 +484,3 @@ def _infeasible(work: Workload, plan: Plan, batch: int) -> str:
         return (f"schedule=interleaved is simulated in Megatron's order, which takes micro-batches pp at a time: "
                 f"microbatches={m} is not a multiple of pp={pp}")
     return ""
-
-
-@lru_cache(maxsize=4096)
-def simulate(schedule: str, pp: int, m: int, v: int, fwd: tuple[float, ...], bwd: tuple[float, ...],
-             p2p: float, acts: tuple[float, ...] | None = None) -> tuple[float, tuple[int, ...], tuple[float, ...]]:
-    """Run the schedule's order of actions: (makespan, most micro-batches in flight per chunk,
-    most activation bytes held per device, given ``acts[c]``, one micro-batch's on chunk c).
-
-    ``fwd[c]``/``bwd[c]``: one micro-batch's time on stage chunk c (``pp * v`` chunks; device
-    d holds chunks d, d + pp, ...). Each device runs its actions in the schedule's order; an
-    action starts when its device is free and its input has arrived (``p2p`` after the
-    neighbouring chunk finished). GPipe: every forward, then every backward. 1F1B: pp - d - 1
-    warm-up forwards, then one forward, one backward. Interleaved (Megatron's order): warm-up
-    of (pp - d - 1) * 2 + (v - 1) * pp chunk-forwards, micro-batches taken pp at a time per chunk.
-    """
-    chunks = pp * v
-    orders = [_order(schedule, pp, m, v, d) for d in range(pp)]
-    done: dict[tuple[str, int, int], float] = {}
-    clock = [0.0] * pp
-    position = [0] * pp
-    live = [0] * chunks
-    most = [0] * chunks
-    held = [0.0] * pp
-    peak = [0.0] * pp
-    weight = acts or (0.0,) * chunks
-    remaining = sum(len(o) for o in orders)
-    while remaining:
-        progressed = False
-        for d in range(pp):
-            while position[d] < len(orders[d]):
-                kind, c, i = orders[d][position[d]]
-                if kind == "F":
-                    dep = done.get(("F", c - 1, i)) if c > 0 else 0.0
-                    ready = None if dep is None else dep + (p2p if c > 0 else 0.0)
-                    cost = fwd[c]
-                else:
-                    dep = done.get(("B", c + 1, i)) if c < chunks - 1 else done.get(("F", c, i))
-                    ready = None if dep is None else dep + (p2p if c < chunks - 1 else 0.0)
-                    cost = bwd[c]
-                if ready is None:
-                    break
-                start = max(clock[d], ready)
-                clock[d] = start + cost
-                done[(kind, c, i)] = clock[d]
-                live[c] += 1 if kind == "F" else -1
-                most[c] = max(most[c], live[c])
-                held[d] += weight[c] if kind == "F" else -weight[c]
-                peak[d] = max(peak[d], held[d])
-                position[d] += 1
-                remaining -= 1
-                progressed = True
-        if not progressed:
-            raise RuntimeError(f"schedule {schedule} with pp={pp}, m={m}, v={v} deadlocks in simulation")
-    return max(clock), tuple(most), tuple(peak)
-
-
-def _order(schedule: str, pp: int, m: int, v: int, d: int) -> list[tuple[str, int, int]]:
-    if schedule == "gpipe":
-        chunks = [d + k * pp for k in range(v)]
-        return ([("F", c, i) for c in chunks for i in range(m)]
-                + [("B", c, i) for c in reversed(chunks) for i in range(m)])
-    if schedule == "1f1b" or v == 1:
-        warm = min(pp - d - 1, m)
-        out = [("F", d, i) for i in range(warm)]
-        for i in range(m - warm):
-            out += [("F", d, warm + i), ("B", d, i)]
-        out += [("B", d, i) for i in range(m - warm, m)]
-        return out
-    total = m * v
-
-    def unit(k: int, backward: bool) -> tuple[int, int]:
-        group, within = divmod(k, pp * v)
-        chunk, mb = divmod(within, pp)
-        if backward:
-            chunk = v - 1 - chunk
-        return d + chunk * pp, group * pp + mb
-
-    warm = min((pp - d - 1) * 2 + (v - 1) * pp, total)
-    out = [("F", *unit(k, False)) for k in range(warm)]
-    f, b = warm, 0
-    while f < total:
-        out.append(("F", *unit(f, False)))
-        out.append(("B", *unit(b, True)))
-        f, b = f + 1, b + 1
-    out += [("B", *unit(k, True)) for k in range(b, total)]
-    return out

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from meshwise import data
+from meshwise.cost import balance
 
 
 @dataclass(frozen=True)
@@ -93,56 +94,6 @@ class Partition:
         mean = sum(self.stage_ms(s) for s in range(len(self.bounds))) / len(self.bounds)
         rows.append(f"bottleneck {self.bottleneck_ms:.3f} ms; balance (mean/max) {mean / self.bottleneck_ms:.2f}")
         return "\n".join(rows)
-
-
-def balance(costs: Sequence[float], stages: int, *, memory: Sequence[int] | None = None,
-            limit: int | None = None, allowed: set[int] | None = None) -> list[tuple[int, int]]:
-    """Contiguous split of ``costs`` into ``stages`` non-empty parts minimising the largest sum.
-
-    With ``memory`` and ``limit``, every part's memory sum must stay <= limit; with
-    ``allowed``, a part may only begin at an index in it (0 always may). Exact:
-    best[k][i] = min over j < i of max(best[k-1][j], cost(j, i)), the cheapest way to
-    put the first i layers into k stages.
-    """
-    n = len(costs)
-    if not 1 <= stages <= n:
-        raise ValueError(f"cannot cut {n} layers into {stages} non-empty stages; use 1..{n} stages")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    mem_prefix = [0]
-    for m in memory or [0] * n:
-        mem_prefix.append(mem_prefix[-1] + m)
-
-    def fits(j: int, i: int) -> bool:
-        return limit is None or mem_prefix[i] - mem_prefix[j] <= limit
-
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(stages + 1)]
-    cut = [[0] * (n + 1) for _ in range(stages + 1)]
-    best[0][0] = 0.0
-    for k in range(1, stages + 1):
-        for i in range(k, n - (stages - k) + 1):
-            for j in range(k - 1, i):
-                if best[k - 1][j] == inf or not fits(j, i) or (allowed is not None and j and j not in allowed):
-                    continue
-                value = max(best[k - 1][j], prefix[i] - prefix[j])
-                if value < best[k][i]:
-                    best[k][i], cut[k][i] = value, j
-    if best[stages][n] == inf and limit is None:
-        raise ValueError(f"cannot cut {n} layers into {stages} stages at the allowed points "
-                         f"{sorted(allowed or ())}; use fewer stages")
-    if best[stages][n] == inf:
-        worst = max(range(n), key=lambda i: mem_prefix[i + 1] - mem_prefix[i])
-        raise ValueError(
-            f"no split into {stages} stages keeps every stage within {limit:,} bytes (layer {worst} alone "
-            f"needs {mem_prefix[worst + 1] - mem_prefix[worst]:,}); raise the limit or use more stages"
-        )
-    bounds, i = [], n
-    for k in range(stages, 0, -1):
-        bounds.append((cut[k][i], i))
-        i = cut[k][i]
-    return bounds[::-1]
 
 
 def chain_layers(model: torch.nn.Module, inputs: Any) -> list[tuple[str, torch.nn.Module]]:

@@ -2,17 +2,19 @@
 links cost. ``auto_plan`` puts them together for ``--plan auto``.
 
 * **Layers.** The model is traced and cut into its layers as for a pipeline
-  (``meshwise.partition``). Each layer is run forward and backward on the sample and on
-  the sample repeated 4 times. That fits its time as fixed + per-row seconds. It also
-  records the bytes it saves for backward (saved-tensor hooks), its parameters, and
-  what a cut after it would send.
+  (``meshwise.partition``). Each layer is run forward and backward on the sample, on an
+  eighth of it and on the sample repeated 4 times; the cost model follows these points
+  (small micro-batches cost more per row). It also records the bytes it saves for
+  backward (saved-tensor hooks), its parameters, what a cut after it would send, and
+  what tensor parallelism would split of it (``tensor_costs``).
 * **Links.** Every rank times all-reduces of 4 KB to 8 MB on the job's real process group.
   The slowest rank's times are fitted as latency + bytes / bandwidth, for a ring.
 
 The profile is a ``meshwise.cost.Workload`` whose layers carry measured seconds instead
 of FLOPs. The local "hardware" carries the fitted link, the memory per process and, on
-CPU hosts, the cores: processes beyond the cores share them. So the search knows when
-fewer, busier processes beat more.
+CPU hosts, the cores: processes beyond the cores share them. On CPU hosts the profile is
+measured once per thread count considered (``rank_processes``), so the search knows from
+measurement when fewer processes with more threads each beat more processes.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ SIZES = (1 << 12, 1 << 16, 1 << 20, 1 << 23)
 
 def profile_model(model: torch.nn.Module, sample: Any, device: torch.device, loss_fn: Any = None,
                   optimizer: Any = None, tp_upto: int = 8) -> cost.Workload:
-    """The model's layers, measured on ``sample``'s inputs (fixed + per-row seconds each).
+    """The model's layers, measured on ``sample``'s inputs: on its rows, an eighth of them
+    and 4 times them (seconds at each size, and fixed + per-row seconds fitted on the last two).
 
     With ``loss_fn`` (and ``optimizer``, a function of the parameters), a whole training
     step of a copy of the model is timed too; what it takes beyond the layers (the
@@ -52,34 +55,38 @@ def profile_model(model: torch.nn.Module, sample: Any, device: torch.device, los
     rows = data.batch_size_of(inputs)
     if not rows:
         raise ValueError("profiling needs a sample with at least one row: pass sample=(x, y)")
-    larger = data.map_tensors(lambda t: torch.cat([t] * 4), inputs)
+    # three sizes: a micro-batch of a few rows costs more per row than the sample does
+    sizes = sorted({max(1, rows // 8), rows, 4 * rows})
+
+    def resized(value: Any, n: int) -> Any:
+        return data.map_tensors(lambda t: torch.cat([t] * (n // rows)) if n >= rows else t[:n], value)
+
     with untouched(model):
-        small_cut = split_model(model, inputs)
-        large_cut = split_model(model, larger)
-        small = measure(small_cut.layers, small_cut.layer_args, [c.bytes for c in small_cut.crossings[1:]])
-        large = measure(large_cut.layers, large_cut.layer_args, [c.bytes for c in large_cut.crossings[1:]])
+        cuts = {n: split_model(model, resized(inputs, n)) for n in sizes}
+        runs = {n: measure(c.layers, c.layer_args, [x.bytes for x in c.crossings[1:]]) for n, c in cuts.items()}
+    small_cut, small, large = cuts[rows], runs[rows], runs[4 * rows]
     split, degrees = tensor_costs(model, inputs, list(small_cut.layers), tp_upto)
     layers = []
-    for a, b in zip(small, large):
+    for i, (a, b) in enumerate(zip(small, large)):
         per_row = max(0.0, (b.ms - a.ms) / 1e3 / (3 * rows))
         fixed = max(0.0, a.ms / 1e3 - per_row * rows)
         share, whole, sent_tp, calls, modules = split[a.name]
         layers.append(cost.Layer(name=a.name, flops=0.0, params=a.params, act_bytes=a.activation_bytes / rows,
                                  act_bytes_tp=share * a.activation_bytes / rows, tp_comm_bytes=sent_tp / rows,
                                  seconds=per_row, fixed_seconds=fixed, tp_share=share,
+                                 points=tuple((n, runs[n][i].ms / 1e3) for n in sizes),
                                  whole_params=whole if degrees else a.params, tp_calls=calls,
                                  tp_modules=modules))
     extra: tuple[cost.Layer, ...] = ()
     step_seconds = 0.0
     if loss_fn is not None:  # the model's own code between layers and the loss: with the last stage
-        whole = [_step_seconds(model, s, loss_fn, optimizer, device) for s in (sample, data.map_tensors(
-            lambda t: torch.cat([t] * 4), sample))]
-        parts = [sum(x.ms for x in small) / 1e3, sum(x.ms for x in large) / 1e3]
-        rest = [max(0.0, w - p) for (w, _), p in zip(whole, parts)]
-        per_row = max(0.0, (rest[1] - rest[0]) / (3 * rows))
+        whole = {n: _step_seconds(model, resized(sample, n), loss_fn, optimizer, device) for n in sizes}
+        rest = {n: max(0.0, whole[n][0] - sum(x.ms for x in runs[n]) / 1e3) for n in sizes}
+        per_row = max(0.0, (rest[4 * rows] - rest[rows]) / (3 * rows))
         extra = (cost.Layer(name="rest of forward, loss and backward", flops=0.0, params=0.0, act_bytes=0.0,
-                            seconds=per_row, fixed_seconds=max(0.0, rest[0] - per_row * rows)),)
-        step_seconds = whole[0][1]  # the optimizer step: once a step, whatever the batch
+                            seconds=per_row, fixed_seconds=max(0.0, rest[rows] - per_row * rows),
+                            points=tuple((n, rest[n]) for n in sizes)),)
+        step_seconds = whole[rows][1]  # the optimizer step: once a step, whatever the batch
     sent = max((c.bytes for c in small_cut.crossings[1:-1]), default=0) / rows
     value_bytes = next((p.element_size() for p in model.parameters()), 4)  # 4 for a model without parameters
     return cost.Workload(name=type(model).__name__, layers=tuple(layers), output_bytes=sent, value_bytes=value_bytes,
