@@ -5,10 +5,11 @@
 
 For each world size, one launch (CPU, gloo):
 
-1. ``--plan auto``'s profile: rank 0 measures the demo GPT's layers and the rest of a
-   training step, and every rank measures the job's all-reduce. The search ranks every
-   plan, tensor parallelism included, and the plans of one process on every core (its
-   profile measured with that many threads).
+1. ``--plan auto``'s measurements (``meshwise.profile.rank_job``): the demo GPT's layers
+   and the rest of a training step, profiled with the cores as busy as training keeps
+   them, and the job's all-reduce. The search ranks every plan, tensor parallelism
+   included, and the plans of fewer processes with more threads each (their profiles
+   measured with that many threads).
 2. The top ``--plans`` feasible plans, in predicted order, and as many more spread evenly
    over the rest of the ranking (ZeRO, recomputation and many micro-batches among them)
    are each built and trained: 2 warm-up steps, then the median of ``--steps`` timed
@@ -43,7 +44,7 @@ def _model() -> GPT:
 def _worker(batch: int, plans: int, steps: int, threads: int, specs: list[tuple[str, float]] | None
             ) -> tuple[list[tuple[str, float, float]], tuple[str, float, int] | None]:
     from meshwise import dist as mwdist
-    from meshwise.profile import cores, fit_links, local_hardware, profile_model, rank_processes
+    from meshwise.profile import rank_job
 
     torch.set_num_threads(threads)
     ctx = mwdist.init("cpu")
@@ -51,15 +52,11 @@ def _worker(batch: int, plans: int, steps: int, threads: int, specs: list[tuple[
     x, y = tokens[:, :-1], tokens[:, 1:]
     opt = lambda p: torch.optim.AdamW(p, lr=1e-3)  # noqa: E731
     fewer = None
-    if specs is None:  # plan: every plan for this world, and one process on every core
-        latency, bandwidth = fit_links(dist.group.WORLD, ctx.device)
+    if specs is None:  # plan as --plan auto does: every plan for this world, and one process on every core
+        ranking = rank_job(_model(), (x[:batch], y[:batch]), ctx.device, batch, loss_fn=lm_loss, optimizer=opt)
         chosen: list[object] = [None]
         if ctx.rank == 0:
-            choices = [(ctx.world_size, threads), (1, cores())]
-            results, _ = rank_processes(
-                lambda: profile_model(_model(), (x[:batch], y[:batch]), ctx.device, lm_loss, opt,
-                                      tp_upto=ctx.world_size),
-                lambda p: local_hardware(ctx.device, p, latency, bandwidth), choices, batch, fixed={"precision": "fp32"})
+            results, _, _ = ranking()
             feasible = [r for r in results if r.feasible and r.plan.world_size == ctx.world_size]
             rest = feasible[plans:]
             picked = feasible[:plans] + [rest[i * len(rest) // plans] for i in range(min(plans, len(rest)))]

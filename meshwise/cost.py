@@ -131,6 +131,8 @@ class Layer:
     points: tuple[tuple[int, float], ...] = ()
     """Measured (rows, forward + backward seconds) of a profile, ascending: ``time`` follows
     them, straight between points and along the end segments beyond them."""
+    forward_share: float = 1 / 3
+    """The forward's part of the measured seconds (a profile; by FLOPs, a third)."""
     tp_share: float = 1.0
     """The part of the measured per-sample seconds that tensor parallelism divides by tp (a
     profile: the FLOPs of the modules it splits, over the layer's)."""
@@ -386,13 +388,14 @@ def estimate(work: Workload, plan: Plan, hw: Hardware, batch: int, *, budget: fl
         # element-wise work (norms, activations, residuals) is bound by memory: its bytes once
         # written and read in forward, twice in backward
         stream = sum(x.act_bytes for x in chunk if x.flops) * b * scale / tp / hw.memory_bw
-        # a profile's measured time: a third forward, two thirds backward
-        measured = sum(x.time(b, tp) for x in chunk)
-        busy = flops / peak + stream + measured / 3
+        # forward a third of the FLOPs' time; a profile's measured time split as measured
+        busy = flops / peak + stream
+        forward = busy + sum(x.time(b, tp) * x.forward_share for x in chunk)
+        backward = 2 * busy + sum(x.time(b, tp) * (1 - x.forward_share) for x in chunk)
         action = hw.call_overhead if pp > 1 else 0.0  # a pipeline schedule's work per action and send
-        fwd.append(busy + comm + software + action)
-        bwd.append(2 * busy + comm + software + action + (busy + comm + software if plan.checkpointing else 0.0))
-        cpu += (3 + plan.checkpointing) * busy + (2 + plan.checkpointing) * software + 2 * action
+        fwd.append(forward + comm + software + action)
+        bwd.append(backward + comm + software + action + (forward + comm + software if plan.checkpointing else 0.0))
+        cpu += (1 + plan.checkpointing) * forward + backward + (2 + plan.checkpointing) * software + 2 * action
         per_sample = sum((x.recompute_bytes if plan.checkpointing and x.recompute_bytes else
                           x.act_bytes / tp if megatron else x.act_bytes - x.act_bytes_tp + x.act_bytes_tp / tp)
                          for x in chunk)

@@ -49,6 +49,8 @@ class Layer:
     """Bytes its forward saves for the backward pass (parameters excluded)."""
     output_bytes: int
     """Bytes of its output: what a stage boundary after it sends to the next stage."""
+    forward_ms: float = 0.0
+    """The forward's part of ``ms``."""
 
     @property
     def memory_bytes(self) -> int:
@@ -155,7 +157,7 @@ def measure(layers: Sequence[tuple[str, torch.nn.Module]], layer_args: dict[str,
     for (name, module), sent in zip(layers, output_bytes):
         params = list(module.parameters())
         param_storage = {p.untyped_storage().data_ptr() for p in params}  # views of weights too
-        times = []
+        times, forwards = [], []
         saved = 0
         for r in range(repeats + 1):
             fresh = _fresh_input
@@ -174,6 +176,9 @@ def measure(layers: Sequence[tuple[str, torch.nn.Module]], layer_args: dict[str,
             start = time.perf_counter()
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out = module(*args, **kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            forwarded = time.perf_counter() - start
             outs = [t for t in _tensors(out) if t.requires_grad]
             if outs:
                 torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
@@ -182,6 +187,7 @@ def measure(layers: Sequence[tuple[str, torch.nn.Module]], layer_args: dict[str,
             elapsed = time.perf_counter() - start
             if r:  # the first run warms up
                 times.append(elapsed)
+                forwards.append(forwarded)
             saved = sum(stored)
             module.zero_grad(set_to_none=True)
         costs.append(Layer(
@@ -191,6 +197,7 @@ def measure(layers: Sequence[tuple[str, torch.nn.Module]], layer_args: dict[str,
             ms=statistics.median(times) * 1e3,
             activation_bytes=saved,
             output_bytes=sent,
+            forward_ms=statistics.median(forwards) * 1e3,
         ))
     return costs
 

@@ -2,8 +2,8 @@
 links cost. ``auto_plan`` puts them together for ``--plan auto``.
 
 * **Layers.** The model is traced and cut into its layers as for a pipeline
-  (``meshwise.partition``). Each layer is run forward and backward on the sample, on an
-  eighth of it and on the sample repeated 4 times; the cost model follows these points
+  (``meshwise.partition``). Each layer is run forward and backward on the sample, on one
+  row, on an eighth of it and on the sample repeated 4 times; the cost model follows these points
   (small micro-batches cost more per row). It also records the bytes it saves for
   backward (saved-tensor hooks), its parameters, what a cut after it would send, and
   what tensor parallelism would split of it (``tensor_costs``).
@@ -43,8 +43,9 @@ SIZES = (1 << 12, 1 << 16, 1 << 20, 1 << 23)
 
 def profile_model(model: torch.nn.Module, sample: Any, device: torch.device, loss_fn: Any = None,
                   optimizer: Any = None, tp_upto: int = 8) -> cost.Workload:
-    """The model's layers, measured on ``sample``'s inputs: on its rows, an eighth of them
-    and 4 times them (seconds at each size, and fixed + per-row seconds fitted on the last two).
+    """The model's layers, measured on ``sample``'s inputs: on one row, an eighth of its rows,
+    its rows and 4 times them (seconds at each size; fixed + per-row seconds fitted on the
+    last two).
 
     With ``loss_fn`` (and ``optimizer``, a function of the parameters), a whole training
     step of a copy of the model is timed too; what it takes beyond the layers (the
@@ -55,8 +56,8 @@ def profile_model(model: torch.nn.Module, sample: Any, device: torch.device, los
     rows = data.batch_size_of(inputs)
     if not rows:
         raise ValueError("profiling needs a sample with at least one row: pass sample=(x, y)")
-    # three sizes: a micro-batch of a few rows costs more per row than the sample does
-    sizes = sorted({max(1, rows // 8), rows, 4 * rows})
+    # from one row to 4x the sample: a micro-batch of a few rows costs more per row than the sample does
+    sizes = sorted({1, max(1, rows // 8), rows, 4 * rows})
 
     def resized(value: Any, n: int) -> Any:
         return data.map_tensors(lambda t: torch.cat([t] * (n // rows)) if n >= rows else t[:n], value)
@@ -75,6 +76,7 @@ def profile_model(model: torch.nn.Module, sample: Any, device: torch.device, los
                                  act_bytes_tp=share * a.activation_bytes / rows, tp_comm_bytes=sent_tp / rows,
                                  seconds=per_row, fixed_seconds=fixed, tp_share=share,
                                  points=tuple((n, runs[n][i].ms / 1e3) for n in sizes),
+                                 forward_share=min(1.0, a.forward_ms / a.ms) if a.ms else 1 / 3,
                                  whole_params=whole if degrees else a.params, tp_calls=calls,
                                  tp_modules=modules))
     extra: tuple[cost.Layer, ...] = ()
@@ -249,13 +251,13 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def rank_processes(profile: Callable[[], cost.Workload], hardware: Callable[[int], cost.Hardware],
+def rank_processes(profile: Callable[[int], cost.Workload], hardware: Callable[[int], cost.Hardware],
                    choices: list[tuple[int, int]], batch: int, *, budget: float | None = None,
                    fixed: dict[str, Any] | None = None) -> tuple[list[cost.Estimate], dict[int, cost.Workload]]:
     """Every plan for each (processes, threads per process) choice, ranked together.
 
-    ``profile()`` is measured once per distinct thread count, with torch on that many
-    threads (0: as it is), so the ranking knows from measurement whether fewer processes
+    ``profile(threads)`` is measured once per distinct thread count, with torch on that
+    many threads (0: as it is), so the ranking knows from measurement whether fewer processes
     with more threads each beat more processes. Returns the ranking (each estimate
     carrying its threads) and the profile per thread count."""
     from meshwise.search import rank, search
@@ -267,7 +269,7 @@ def rank_processes(profile: Callable[[], cost.Workload], hardware: Callable[[int
     for processes, threads in choices:
         if threads not in profiles:
             with torch_threads(threads):
-                profiles[threads] = profile()
+                profiles[threads] = profile(threads)
         try:
             results = search(profiles[threads], hardware(processes), processes, batch,
                              precision=fixed.get("precision", "fp32"), budget=budget, fixed=fixed)
@@ -280,6 +282,58 @@ def rank_processes(profile: Callable[[], cost.Workload], hardware: Callable[[int
     return rank(out), profiles
 
 
+def _profile_together(measure: Callable[[], cost.Workload], thread_counts: list[int], device: torch.device,
+                      world: int) -> tuple[dict[int, cost.Workload], BaseException | None]:
+    """Rank 0's profile at each thread count (a collective), and the error that stopped it.
+
+    On a CPU host, as many ranks as processes of that many threads fill the cores profile
+    at once (the others' results are dropped), so the profile sees the host as busy as
+    training keeps it: cores that share caches, memory bandwidth or a physical core
+    (hyperthreads) compute slower together than one alone does."""
+    rank = dist.get_rank()
+    profiles: dict[int, cost.Workload] = {}
+    failure: BaseException | None = None
+    for threads in thread_counts:
+        together = min(world, max(1, cores() // threads)) if device.type == "cpu" and threads else 1
+        dist.barrier()
+        if rank < together and failure is None:
+            try:
+                with torch_threads(threads):
+                    profiles[threads] = measure()
+            except Exception as error:  # rank 0's reaches every rank through the plan's broadcast
+                failure = error
+    return (profiles, failure) if rank == 0 else ({}, None)
+
+
+def rank_job(model: torch.nn.Module, sample: Any, device: torch.device, batch: int, *, loss_fn: Any = None,
+             optimizer: Any = None) -> Callable[[], tuple[list[cost.Estimate], cost.Workload, cost.Hardware]]:
+    """Measure for this job (a collective): the links, and the model at the job's threads
+    per process and, on CPU hosts, at the threads of every smaller process count.
+
+    Returns, for rank 0, a function that ranks the plans (raising what the profile raised):
+    (every estimate, fewer processes included; the profile at the job's threads; this
+    host as hardware for the job)."""
+    world = dist.get_world_size()
+    latency, bandwidth = fit_links(dist.group.WORLD, device)
+    now = torch.get_num_threads() if device.type == "cpu" else 0
+    choices = [(world, now)]
+    if device.type == "cpu":
+        choices += [(p, max(1, cores() // p)) for p in range(1, world)]
+    measured, failure = _profile_together(
+        lambda: profile_model(model, sample, device, loss_fn, optimizer, tp_upto=world),
+        list(dict.fromkeys(t for _, t in choices)), device, world)
+
+    def ranking() -> tuple[list[cost.Estimate], cost.Workload, cost.Hardware]:
+        if failure is not None:
+            raise failure
+        results, _ = rank_processes(lambda threads: measured[threads],
+                                    lambda p: local_hardware(device, p, latency, bandwidth), choices, batch,
+                                    fixed={"precision": "fp32"})
+        return results, measured[now], local_hardware(device, world, latency, bandwidth)
+
+    return ranking
+
+
 def auto_plan(model: torch.nn.Module, sample: Any, device: torch.device, batch: int, *, is_main: bool,
               loss_fn: Any = None, optimizer: Any = None) -> tuple[Plan, Any]:
     """Profile, search and agree on a plan on every rank (a collective); rank 0 says why.
@@ -288,18 +342,11 @@ def auto_plan(model: torch.nn.Module, sample: Any, device: torch.device, batch: 
     says when fewer processes are predicted faster (the job's size is the user's to change).
     Returns the plan and its predicted step seconds as a function of the global batch."""
     world = dist.get_world_size()
-    latency, bandwidth = fit_links(dist.group.WORLD, device)
+    ranking = rank_job(model, sample, device, batch, loss_fn=loss_fn, optimizer=optimizer)
     message: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
-            now = torch.get_num_threads() if device.type == "cpu" else 0
-            choices = [(world, now)]
-            if device.type == "cpu":
-                choices += [(p, max(1, cores() // p)) for p in range(1, world)]
-            results, profiles = rank_processes(
-                lambda: profile_model(model, sample, device, loss_fn, optimizer, tp_upto=world),
-                lambda p: local_hardware(device, p, latency, bandwidth), choices, batch,
-                fixed={"precision": "fp32"})
+            results, work, hw = ranking()
             best = [r for r in results if r.feasible and r.plan.world_size == world]
             if not best:
                 reasons = sorted({r.reason for r in results if r.plan.world_size == world})[:3]
@@ -312,8 +359,7 @@ def auto_plan(model: torch.nn.Module, sample: Any, device: torch.device, batch: 
                         f"each are predicted faster ({fewer.step_time * 1e3:.1f} ms a step with {fewer.plan}, "
                         f"{best[0].step_time / fewer.step_time:.2f}x): run OMP_NUM_THREADS={fewer.threads} "
                         f"meshwise run --nproc {fewer.plan.world_size} --plan auto ...")
-            message = [("ok", best[0], best[1:3], profiles[now], local_hardware(device, world, latency, bandwidth),
-                        hint)]
+            message = [("ok", best[0], best[1:3], work, hw, hint)]
         except Exception as error:  # every rank must hear of it, or they wait in the broadcast
             message = [("error", f"{error}" if isinstance(error, (ValueError, TypeError))
                         else f"--plan auto failed on rank 0: {type(error).__name__}: {error}")]
@@ -366,7 +412,7 @@ def answer_search(model: torch.nn.Module, sample: Any, device: torch.device, los
     budget = request.get("memory") or hardware(devices).memory
     choices = [(p, max(1, cores() // p)) for p in range(1, devices + 1)] if device.type == "cpu" else [(devices, 0)]
     results, profiles = rank_processes(
-        lambda: profile_model(model, sample, device, loss_fn, optimizer, tp_upto=devices), hardware, choices, batch,
+        lambda _: profile_model(model, sample, device, loss_fn, optimizer, tp_upto=devices), hardware, choices, batch,
         budget=budget, fixed=fixed)
     work = next(iter(profiles.values()))
     where = f"up to {devices} processes on {cores()} cores" if device.type == "cpu" else f"{devices} processes"

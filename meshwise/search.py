@@ -98,13 +98,13 @@ def table(results: list[Estimate], top: int, budget: float) -> str:
     """The best ``top`` plans, then the reasons the others were rejected (most common first)."""
     feasible = [r for r in results if r.feasible]
     threads = any(r.threads for r in results)
-    rows = [f"{'#':>3}  {'plan':<62}{'procs x threads  ' if threads else ''}{'step s':>9}{'samples/s':>11}{'TFLOP/s/dev':>13}{'memory GB':>11}"
+    rows = [f"{'#':>3}  {'plan':<62}{'procs x threads  ' if threads else ''}{'step ms':>10}{'samples/s':>11}{'TFLOP/s/dev':>13}{'memory GB':>11}"
             f"  (params/grads/optim/acts)"]
     for i, r in enumerate(feasible[:top], 1):
         m = r.memory
         assert m is not None
         shape = f"{r.plan.world_size:>5} x {r.threads:<9}" if threads else ""
-        rows.append(f"{i:>3}  {str(r.plan):<62}{shape}{r.step_time:>9.4g}{r.samples_per_s:>11.1f}{r.tflops_per_device:>13.1f}"
+        rows.append(f"{i:>3}  {str(r.plan):<62}{shape}{r.step_time * 1e3:>10.4g}{r.samples_per_s:>11.1f}{r.tflops_per_device:>13.1f}"
                     f"{m.total / GB:>11.1f}  ({m.parameters / GB:.1f}/{m.gradients / GB:.1f}/{m.optimizer / GB:.1f}/"
                     f"{m.activations / GB:.1f})")
     rejected: dict[str, int] = {}

@@ -144,7 +144,7 @@ def test_cpu_search_measures_threads_against_processes(speedup: float, processes
 
     seen = []
 
-    def profile() -> Workload:
+    def profile(threads: int) -> Workload:
         seen.append(torch.get_num_threads())
         return _threaded_profile(speedup)
 
