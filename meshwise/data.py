@@ -94,24 +94,32 @@ class _SizedDict(dict):
     global_size: int
 
 
-def tag(batch: Any, global_size: int) -> Any:
-    """The batch, marked with the size of the global batch it is a share of.
+def tag(batch: Any, global_size: int, position: tuple[int, int, int] | None = None) -> Any:
+    """The batch, marked with the size of the global batch it is a share of, and with its
+    position in the data: (epoch, batches of the epoch up to this one, batches in the epoch).
 
-    The mark travels with the object (through a prefetching thread, say), so every rank
-    decides the same way whether ``step`` must ask the others for the global size.
-    A tuple, list or dict stays one (a subclass); other batches are returned unmarked.
+    The marks travel with the object (through a prefetching thread, say), so every rank
+    decides the same way whether ``step`` must ask the others for the global size, and a
+    checkpoint knows where training stands. A tuple, list or dict stays one (a subclass);
+    other batches are returned unmarked.
     """
     kind = {tuple: _SizedTuple, list: _SizedList, dict: _SizedDict}.get(type(batch))
     if kind is None:
         return batch
     marked = kind(batch)
     marked.global_size = global_size
+    marked.position = position
     return marked
 
 
 def global_size(batch: Any) -> int | None:
     """The global batch size a loader marked on ``batch``, or None."""
     return getattr(batch, "global_size", None)
+
+
+def position(batch: Any) -> tuple[int, int, int] | None:
+    """(epoch, batches up to and with this one, batches in the epoch) a loader marked, or None."""
+    return getattr(batch, "position", None)
 
 
 def batch_size_of(batch: Any) -> int:

@@ -46,6 +46,10 @@ def parallelize(
     trace: bool = False,
     stages: Any = None,
     batch_size: int | None = None,
+    checkpoint: str | None = None,
+    checkpoint_every: int = 0,
+    keep: int = 3,
+    resume: bool | None = None,
 ) -> Engine:
     """Wrap a single-device ``model`` for training and inference under ``plan``.
 
@@ -62,6 +66,13 @@ def parallelize(
     job's links, searches the plans for this many processes and a global batch of
     ``batch_size`` rows (default: the sample's), runs the fastest, and after
     ``AUTO_CHECK_STEPS`` steps prints its measured step time against the prediction.
+
+    ``checkpoint`` is a directory for checkpoints (``engine.save()``; every
+    ``checkpoint_every`` steps if > 0; the last ``keep`` kept). ``resume=True`` loads the
+    latest complete one there, if any; the default resumes under ``meshwise run --resume``
+    and when the launcher restarts the job after a failure (``--max-restarts``). Train
+    from ``engine.epoch`` with ``engine.loader(..., epoch=epoch)`` to continue where the
+    checkpoint stood (see docs/checkpoints.md).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"parallelize expects a torch.nn.Module, got {type(model).__name__}")
@@ -85,9 +96,30 @@ def parallelize(
     plan = resolve_plan(spec, ctx.world_size)
     engine = _engine(model, plan, ctx, loss_fn=loss_fn, optimizer=optimizer, sample=sample, trace=trace,
                      stages=stages)
+    if type(checkpoint_every) is not int or checkpoint_every < 0 or type(keep) is not int or keep < 1:
+        raise ValueError(f"checkpoint_every={checkpoint_every!r} and keep={keep!r} are invalid: checkpoint_every "
+                         f"is a number of steps >= 0 (0: only engine.save()), keep >= 1")
+    if checkpoint_every and not checkpoint:
+        raise ValueError(f"checkpoint_every={checkpoint_every} needs a directory: pass checkpoint=DIR")
+    engine.checkpoint_dir, engine.checkpoint_every, engine.checkpoint_keep = checkpoint, checkpoint_every, keep
+    if resume is None:  # meshwise run --resume, or a restart after a failure
+        resume = os.environ.get(RESUME_ENV) == "1" or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    if resume and checkpoint:
+        from meshwise.checkpoint import latest
+
+        found = latest(checkpoint)
+        if found is not None:
+            meta = engine.load(found)
+            if engine.is_main:
+                print(f"meshwise: resumed from {found} (step {meta['step']}, saved with plan {meta['plan']})",
+                      flush=True)
     if predicted is not None:
         engine._watch(predicted)
     return engine
+
+
+RESUME_ENV = "MESHWISE_RESUME"
+"""Set to 1 by ``meshwise run --resume``: ``parallelize`` loads the latest checkpoint."""
 
 
 AUTO_WARMUP_STEPS, AUTO_CHECK_STEPS = 5, 20
@@ -184,6 +216,11 @@ class Engine:
         self._sample_spec: Any = None
         self.steps = 0
         self._grad_bytes = 0
+        self.position: tuple[int, int, int] | None = None
+        self._skip: tuple[int, int] | None = None
+        self.checkpoint_dir: str | None = None
+        self.checkpoint_every = 0
+        self.checkpoint_keep = 3
 
     @property
     def model(self) -> torch.nn.Module:
@@ -226,12 +263,71 @@ class Engine:
                 f"{self.microbatches} samples; use batch_size >= {least}"
             )
         batches = data.global_batches(n, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last)
-        return self._iterate(dataset, batches)
+        start = 0
+        if self._skip is not None and self._skip[0] == epoch:  # resumed: the batches already trained on
+            start, self._skip = min(self._skip[1], len(batches)), None
+        return self._iterate(dataset, batches, epoch, start)
 
-    def _iterate(self, dataset: Any, batches: list[torch.Tensor]) -> Iterator[Any]:
-        for indices in batches:
+    def _iterate(self, dataset: Any, batches: list[torch.Tensor], epoch: int, start: int) -> Iterator[Any]:
+        for i in range(start, len(batches)):
             # marked with N, so that step needs no collective to learn it
-            yield data.tag(data.fetch(dataset, data.share(indices, self.dp_rank, self.dp_size)), len(indices))
+            yield data.tag(data.fetch(dataset, data.share(batches[i], self.dp_rank, self.dp_size)),
+                           len(batches[i]), (epoch, i + 1, len(batches)))
+
+    @property
+    def epoch(self) -> int:
+        """The epoch training stands in: 0, or after ``load`` the checkpoint's (the next one if
+        it had finished). ``loader(..., epoch=engine.epoch)`` then skips the batches already
+        trained on, once."""
+        if self.position is None:
+            return 0
+        epoch, done, count = self.position
+        return epoch + 1 if done >= count else epoch
+
+    def resume_position(self, position: Any) -> None:
+        """Continue from ``(epoch, batches done, batches in the epoch)`` (from a checkpoint)."""
+        self.position = tuple(position) if position else None
+        self._skip = (self.position[0], self.position[1]) if self.position else None
+
+    def save(self, directory: str | None = None, *, keep: int | None = None) -> str:
+        """Write a checkpoint of the model, optimizer, step, random state and data position
+        under ``directory`` (default: parallelize's ``checkpoint``), keeping the last ``keep``.
+
+        A collective: call it on every rank. Returns the checkpoint's directory. It loads
+        under any plan (``load``); see meshwise.checkpoint for the format."""
+        from meshwise import checkpoint
+
+        root = directory or self.checkpoint_dir
+        if not root:
+            raise ValueError("save needs a directory: engine.save('checkpoints') or parallelize(..., checkpoint=DIR)")
+        return checkpoint.save(self, root, keep=keep or self.checkpoint_keep)
+
+    def load(self, path: str | None = None) -> dict[str, Any]:
+        """Load a checkpoint: a step directory, or a checkpoint root (its latest complete
+        one; default: parallelize's ``checkpoint``). A collective. Returns its metadata."""
+        from meshwise import checkpoint
+
+        root = path or self.checkpoint_dir
+        if not root:
+            raise ValueError("load needs a path: engine.load('checkpoints') or parallelize(..., checkpoint=DIR)")
+        found = checkpoint.latest(root)
+        if found is None:
+            raise ValueError(f"{root} holds no complete meshwise checkpoint (a step-NNNNNNNN directory with a "
+                             f"{checkpoint.COMPLETE} marker)")
+        return checkpoint.load(self, found)
+
+    def _state_modules(self) -> list[torch.nn.Module]:
+        """The modules whose state this rank holds, under the model's own names."""
+        return [self.model]
+
+    def _writes_model(self) -> bool:
+        """Whether this rank writes the model state it holds to a checkpoint."""
+        return self.is_main
+
+    def _checkpointed(self) -> None:
+        """After a step: a checkpoint every ``checkpoint_every`` steps."""
+        if self.checkpoint_every and self.steps % self.checkpoint_every == 0:
+            self.save()
 
     def step(self, batch: Any) -> float:
         """Forward, backward, gradient all-reduce and optimizer step on this rank's share.
@@ -261,6 +357,7 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = self._replica.take()
         self.steps += 1
+        self._checkpointed()
         return float(loss_sum) / total
 
     @torch.no_grad()
@@ -299,6 +396,7 @@ class Engine:
             raise ValueError("step needs loss_fn and optimizer: pass both to meshwise.parallelize")
         data.unpack(batch)
         self._check(batch)
+        self.position = data.position(batch) or self.position
         local = data.batch_size_of(batch)
         return local, self._global_size(batch, local)
 

@@ -337,6 +337,16 @@ class PipelineEngine(Engine):
         """The user's model: on this rank, only the parameters of its stages are trained."""
         return self._model
 
+    def _state_modules(self) -> list[torch.nn.Module]:
+        return [self.stage_modules[s] for s in self.local_stages]
+
+    def _writes_model(self) -> bool:  # one rank of each stage: its first replica's first tensor-parallel rank
+        return self.dp_rank == 0 and self.tp_rank == 0
+
+    def _state_names(self) -> set[str]:
+        """The model's own names (a stage's fx constants are not checkpointed)."""
+        return set(self._model.state_dict())
+
     def loader(self, dataset: Any, batch_size: int, **kwargs: Any) -> Iterator[Any]:
         shares = [len(s) for s in torch.arange(batch_size).tensor_split(self.dp_size)] if type(batch_size) is int else []
         bad = [n for n in shares if n % self.microbatches]
@@ -413,6 +423,7 @@ class PipelineEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         reduced.wait()
         self.steps += 1
+        self._checkpointed()
         return float(loss_sum)
 
     def _sync_gradients(self) -> None:

@@ -379,6 +379,7 @@ class TensorEngine(Engine):
         if reduced is not None:
             reduced.wait()
         self.steps += 1
+        self._checkpointed()
         return float(loss_sum) / total
 
     def _forward_inputs(self, dataset: Any, indices: torch.Tensor) -> Any:
