@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--node-rank", type=int, default=0, help="this host's index; host 0 serves the rendezvous")
     run.add_argument("--rdzv-endpoint", help="HOST:PORT of host 0, reachable by every host (multi-host only)")
     run.add_argument("--max-restarts", type=int, default=0, help="restart all workers up to K times after a failure")
+    run.add_argument("--resume", action="store_true", help="parallelize(checkpoint=DIR) loads the latest complete "
+                     "checkpoint in DIR (as it does on a restart after a failure)")
     run.add_argument("--trace", metavar="DIR", help="record the pipeline timeline: DIR/trace.json (Chrome trace), "
                      "DIR/trace.png (Gantt chart), and the bubble fraction")
     run.add_argument("script", metavar="SCRIPT", help="a Python script, or -m MODULE (a module run as python -m)")
@@ -56,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--trace", metavar="DIR", help="gpt: write the pipeline timeline (trace.json, trace.png) to DIR")
     demo.add_argument("--batch-size", type=int, default=None, help="global batch (default 64)")
     demo.add_argument("--out", help="run directory (default runs/demo-TIMESTAMP-XXXX)")
+    export = sub.add_parser("export", help="write a checkpoint's model as one safetensors file",
+                            description="Write the model of a meshwise checkpoint (a step directory, or a checkpoint "
+                                        "directory: its latest complete one) as one safetensors file, loadable "
+                                        "without meshwise: safetensors.torch.load_file(OUT).")
+    export.add_argument("checkpoint", metavar="CKPT", help="a checkpoint directory")
+    export.add_argument("out", metavar="OUT", help="the .safetensors file to write")
     plan = sub.add_parser("plan", help="rank plans by predicted step time and memory",
                           description="Search data, pipeline and tensor degrees, ZeRO, schedule, micro-batches and "
                                       "recomputation: for SCRIPT's model, profiled here (one process, stopped "
@@ -249,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
             if not os.path.isfile(ns.script):
                 parser.error(f"script {ns.script!r} not found")
             command = [ns.script, *ns.args]
+        if ns.resume:
+            from meshwise.engine import RESUME_ENV
+
+            os.environ[RESUME_ENV] = "1"
         return run_command(command, job, plan=plan, device=ns.device, trace=ns.trace)
     if ns.command == "demo":
         job, plan = _job(parser, ns, 2)
@@ -274,6 +286,15 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(command, job, plan=plan, device=ns.device)
     if ns.command == "plan":
         return _plan_command(parser, ns)
+    if ns.command == "export":
+        from meshwise.checkpoint import export
+
+        try:
+            count = export(ns.checkpoint, ns.out)
+        except (ValueError, OSError) as error:
+            parser.error(str(error))
+        print(f"wrote {count} tensors to {ns.out}")
+        return 0
     parser.error(f"unknown command {ns.command!r}")
     return 2
 
