@@ -158,7 +158,7 @@ def _digest(directory: str) -> str:
 def test_damaged_checkpoints_are_refused_and_export_gives_a_plain_file(tmp_path) -> None:
     root = str(tmp_path / "ckpt")
     errors = harness.run(damaged, 1, (root,), deadline=60)[0]
-    assert "rank-0.safetensors cannot be read" in errors["truncated"] and "truncated" in errors["truncated"]
+    assert "rank-0.safetensors cannot be read" in errors["truncated"] and "not fully covered" in errors["truncated"]
     assert "holds no complete meshwise checkpoint" in errors["unfinished"] and "COMPLETE marker" in errors["unfinished"]
     assert "does not fit this model" in errors["other model"] and "has shape" in errors["other model"]
     assert errors["unchanged"] and errors["files unchanged"]
