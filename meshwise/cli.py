@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--node-rank", type=int, default=0, help="this host's index; host 0 serves the rendezvous")
     run.add_argument("--rdzv-endpoint", help="HOST:PORT of host 0, reachable by every host (multi-host only)")
     run.add_argument("--max-restarts", type=int, default=0, help="restart all workers up to K times after a failure")
+    run.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                     help="how long a collective may wait for the other ranks before the job fails (default 600)")
     run.add_argument("--resume", action="store_true", help="parallelize(checkpoint=DIR) loads the latest complete "
                      "checkpoint in DIR (as it does on a restart after a failure)")
     run.add_argument("--trace", metavar="DIR", help="record the pipeline timeline: DIR/trace.json (Chrome trace), "
@@ -219,6 +221,7 @@ def _job(parser: argparse.ArgumentParser, ns: argparse.Namespace, default_nproc:
 
 
 _RUN_VALUE_OPTIONS = {"--nproc", "--plan", "--device", "--nnodes", "--node-rank", "--rdzv-endpoint", "--max-restarts",
+                      "--timeout",
                       "--trace", "--model"}
 
 
@@ -261,6 +264,14 @@ def main(argv: list[str] | None = None) -> int:
             from meshwise.engine import RESUME_ENV
 
             os.environ[RESUME_ENV] = "1"
+        if ns.timeout is not None:
+            from meshwise.dist import TIMEOUT_ENV, collective_timeout
+
+            try:
+                collective_timeout(ns.timeout)
+            except ValueError as error:
+                parser.error(f"--timeout {ns.timeout:g}: {error}")
+            os.environ[TIMEOUT_ENV] = str(ns.timeout)
         return run_command(command, job, plan=plan, device=ns.device, trace=ns.trace)
     if ns.command == "demo":
         job, plan = _job(parser, ns, 2)

@@ -26,6 +26,9 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # its workers; read once, by ``parallelize``, never deeper in the code.
 PLAN_ENV = "MESHWISE_PLAN"
 DEVICE_ENV = "MESHWISE_DEVICE"
+TIMEOUT_ENV = "MESHWISE_TIMEOUT"
+DEFAULT_TIMEOUT = 600.0
+"""Seconds a collective may wait for the other ranks before the job fails (``--timeout``)."""
 
 
 @dataclass(frozen=True)
@@ -95,12 +98,14 @@ def _attempt_store() -> dist.Store | None:
     return dist.PrefixStore(f"meshwise/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def init(device: str | torch.device | None = None) -> Context:
+def init(device: str | torch.device | None = None, timeout: float | None = None) -> Context:
     """Join the job's default process group (once per process) and return this rank's Context.
 
     gloo serves CPU tensors; on GPUs the group is ``cpu:gloo,cuda:nccl`` so that both
-    device and host collectives work.
+    device and host collectives work. A collective that waits more than ``timeout``
+    seconds (default: ``--timeout``, else 600) for the other ranks fails.
     """
+    seconds = collective_timeout(timeout)
     launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ  # by a launcher; else a world of one
     env_world = int(os.environ.get("WORLD_SIZE", "1")) if launched else 1
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if launched else 0
@@ -112,11 +117,14 @@ def init(device: str | torch.device | None = None) -> Context:
         if launched:
             dist.init_process_group(
                 backend,
-                store=_attempt_store(),
+                store=(store := _attempt_store()),
                 rank=int(os.environ["RANK"]),
                 world_size=env_world,
                 device_id=dev if dev.type == "cuda" else None,
+                timeout=timedelta(seconds=seconds),
             )
+            global _progress_store
+            _progress_store = store
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
             atexit.register(_destroy)  # ours to close: NCCL warns of leaked resources otherwise
@@ -132,6 +140,47 @@ def init(device: str | torch.device | None = None) -> Context:
         device=dev,
         backend=dist.get_backend(),
     )
+
+
+def collective_timeout(timeout: float | None = None) -> float:
+    """The collective timeout in seconds: ``timeout``, else ``MESHWISE_TIMEOUT``, else 600."""
+    value: Any = timeout if timeout is not None else os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"timeout={value!r} is invalid: give the seconds a collective may wait, > 0 (e.g. 600)")
+    return seconds
+
+
+_progress_store: Any = None
+
+
+def mark_progress(rank: int, step: int) -> None:
+    """Note in the job's store that ``rank`` began ``step`` (for the message if a collective
+    times out). Only under a launcher's store; costs one store write a step."""
+    if _progress_store is not None:
+        _progress_store.set(f"progress/{rank}", str(step))
+
+
+def progress(world: int) -> dict[int, int] | None:
+    """The step each rank last began, from the store (None without one or if it fails)."""
+    if _progress_store is None:
+        return None
+    try:
+        return {r: int(_progress_store.get(f"progress/{r}")) for r in range(world)
+                if _progress_store.check([f"progress/{r}"])}
+    except Exception:  # the store's host may be gone with the failed job
+        return None
+
+
+def collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that timed out or lost a peer (gloo, NCCL)."""
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        w in text for w in ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
+                            "nccl", "gloo"))
 
 
 def _destroy() -> None:

@@ -50,6 +50,7 @@ def parallelize(
     checkpoint_every: int = 0,
     keep: int = 3,
     resume: bool | None = None,
+    timeout: float | None = None,
 ) -> Engine:
     """Wrap a single-device ``model`` for training and inference under ``plan``.
 
@@ -73,10 +74,13 @@ def parallelize(
     and when the launcher restarts the job after a failure (``--max-restarts``). Train
     from ``engine.epoch`` with ``engine.loader(..., epoch=epoch)`` to continue where the
     checkpoint stood (see docs/checkpoints.md).
+
+    ``timeout``: seconds a collective may wait for the other ranks (default ``--timeout``,
+    else 600); past it the step fails, naming the rank, the step and the ranks behind.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"parallelize expects a torch.nn.Module, got {type(model).__name__}")
-    ctx = mwdist.init(device if device is not None else os.environ.get(mwdist.DEVICE_ENV))
+    ctx = mwdist.init(device if device is not None else os.environ.get(mwdist.DEVICE_ENV), timeout)
     if os.environ.get("MESHWISE_SEARCH"):  # meshwise plan SCRIPT: profile, rank, stop the script
         import json
 
@@ -115,6 +119,7 @@ def parallelize(
                       flush=True)
     if predicted is not None:
         engine._watch(predicted)
+    engine._guard(mwdist.collective_timeout(timeout))
     return engine
 
 
@@ -323,6 +328,36 @@ class Engine:
     def _writes_model(self) -> bool:
         """Whether this rank writes the model state it holds to a checkpoint."""
         return self.is_main
+
+    def _guard(self, timeout: float) -> None:
+        """Make a step whose collective times out or loses a peer say which rank, step and
+        collective, and which ranks were behind."""
+        step = self.step
+
+        def guarded(batch: Any) -> float:
+            mwdist.mark_progress(self.rank, self.steps + 1)
+            try:
+                return step(batch)
+            except RuntimeError as error:
+                if not mwdist.collective_failure(error):
+                    raise
+                seen = mwdist.progress(self.world_size) or {}
+                behind = sorted(r for r, s in seen.items() if s <= self.steps)
+                missing = sorted(set(range(self.world_size)) - set(seen))
+                who = (f"rank(s) {behind} had not begun step {self.steps + 1}" if behind else
+                       f"ranks {missing} never began a step" if missing and seen else
+                       "every rank had begun it, so one stalled or died inside it")
+                first = str(error).strip().splitlines()[0][:300]
+                raise RuntimeError(
+                    f"rank {self.rank}: step {self.steps + 1} failed in {self._collectives} (plan {self.plan}), "
+                    f"with the collective timeout at {timeout:g} s: {who}. {type(error).__name__}: {first}. "
+                    f"Raise --timeout (or parallelize(timeout=)) if the work between collectives is that slow"
+                ) from error
+
+        self.step = guarded  # type: ignore[method-assign]
+
+    _collectives = "the gradient all-reduce"
+    """The collectives a step of this engine waits in, for messages."""
 
     def _checkpointed(self) -> None:
         """After a step: a checkpoint every ``checkpoint_every`` steps."""

@@ -78,6 +78,8 @@ def check_plan(plan: Plan) -> None:
 class PipelineEngine(Engine):
     """Trains and predicts a model cut into pipeline stages (see the module docstring)."""
 
+    _collectives = "the pipeline's sends and receives or the gradient all-reduce"
+
     def __init__(
         self,
         model: torch.nn.Module,

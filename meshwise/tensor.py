@@ -330,6 +330,8 @@ class TensorEngine(Engine):
     summed over the replicas in one flat all-reduce, as in a pipeline.
     """
 
+    _collectives = "the tensor-parallel all-reduces or the gradient all-reduce"
+
     def __init__(self, model: torch.nn.Module, plan: Plan, ctx: mwdist.Context, *, loss_fn: LossFn | None,
                  optimizer: OptimizerArg | None, sample: Any) -> None:
         from torch.distributed.device_mesh import init_device_mesh

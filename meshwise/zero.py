@@ -138,6 +138,8 @@ def reshard(module: torch.nn.Module) -> None:
 class ShardedEngine(Engine):
     """zero=2 and zero=3 with FSDP2 (see the module docstring)."""
 
+    _collectives = "FSDP's all-gathers and reduce-scatters"
+
     def __init__(
         self,
         model: torch.nn.Module,

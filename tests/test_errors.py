@@ -45,6 +45,12 @@ def api_errors() -> dict[str, str]:
         "loss": _message(lambda: sum_engine.step((x[:4], y[:4]))),
         "optimizer": _message(lambda: mw.parallelize(mlp(), loss_fn=F.cross_entropy, optimizer="adam")),
         "model": _message(lambda: mw.parallelize(lambda v: v, loss_fn=F.cross_entropy, optimizer=opt)),
+        "plan": _message(lambda: mw.parallelize(mlp(), "dp=two", loss_fn=F.cross_entropy, optimizer=opt)),
+        "plan_key": _message(lambda: mw.parallelize(mlp(), "dp=2,stages=2", loss_fn=F.cross_entropy, optimizer=opt)),
+        "timeout": _message(lambda: mw.parallelize(mlp(), loss_fn=F.cross_entropy, optimizer=opt, timeout=-1)),
+        "every": _message(lambda: mw.parallelize(mlp(), loss_fn=F.cross_entropy, optimizer=opt, checkpoint_every=5)),
+        "save": _message(lambda: engine.save()),
+        "load": _message(lambda: engine.load("/nonexistent/checkpoints")),
     }
 
 
@@ -64,6 +70,12 @@ def errors() -> dict[str, str]:
     ("loss", ["ValueError", "(4,)", "scalar", "mean"]),
     ("optimizer", ["TypeError", "function of the parameters"]),
     ("model", ["TypeError", "torch.nn.Module"]),
+    ("plan", ["ValueError", "dp='two'", "integer"]),
+    ("plan_key", ["ValueError", "stages"]),
+    ("timeout", ["ValueError", "timeout=-1", "> 0"]),
+    ("every", ["ValueError", "checkpoint_every=5", "checkpoint=DIR"]),
+    ("save", ["ValueError", "save needs a directory"]),
+    ("load", ["ValueError", "/nonexistent/checkpoints holds no complete meshwise checkpoint"]),
 ])
 def test_api_errors_name_the_values(errors: dict[str, str], case: str, words: list[str]) -> None:
     for word in words:

@@ -94,6 +94,18 @@ def test_a_failing_rank_stops_the_job_reports_once_and_leaves_nothing(tmp_path) 
     assert not _processes_with(token), "worker processes were left running"
 
 
+def test_a_stalled_rank_fails_the_job_within_the_timeout_and_is_named() -> None:
+    stall = os.path.join(HERE, "scripts", "stall.py")  # rank 1 sleeps for an hour before step 3
+    begin = time.monotonic()
+    code, out, err = finish(start(f"{BIN}/meshwise", "run", "--nproc", "2", "--timeout", "5", stall), 60)
+    elapsed = time.monotonic() - begin
+    assert code != 0 and elapsed < 30, (code, elapsed)
+    assert ("rank 0: step 3 failed in the gradient all-reduce (plan dp=2), with the collective timeout at 5 s: "
+            "rank(s) [1] had not begun step 3") in err, err[-3000:]
+    time.sleep(0.5)
+    assert not _processes_with(stall), "worker processes were left running"
+
+
 @pytest.mark.parametrize(("mode", "code", "words"), [
     ("exit3", 3, ["rank 1 failed with exit code 3", "SystemExit: 3"]),
     ("msg", 1, ["rank 1 failed with exit code 1", "SystemExit: bad config"]),
@@ -171,6 +183,8 @@ def _processes_with(token: str) -> list[int]:
     (["run", "--nproc", "2", "-m"], ["-m needs a module name"]),
     (["launch", SCRIPT], ["invalid choice"]),
     (["run", "--device", "tpu", SCRIPT], ["invalid choice", "tpu"]),
+    (["run", "--timeout", "0", SCRIPT], ["--timeout 0", "> 0"]),
+    (["export", "no_such_checkpoint", "out.safetensors"], ["no_such_checkpoint", "no complete meshwise checkpoint"]),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(argv: list[str], words: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as info:
