@@ -28,7 +28,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +114,45 @@ def _config(job: Job, run_dir: str) -> Any:
     )
 
 
+LOOPBACK = ("127.0.0.1", "localhost")
+
+
+@contextmanager
+def _loopback_stores() -> Iterator[None]:
+    """While a one-host job runs, the stores the agent serves listen on loopback only.
+
+    torch's elastic agent opens its rendezvous and worker stores on every interface, even
+    for an address of 127.0.0.1: anyone on the network could reach them. Here each store
+    served at a loopback address is handed a socket bound to 127.0.0.1 (TCPStore's
+    ``master_listen_fd``)."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend
+
+    base = dist.TCPStore
+
+    class LoopbackStore(base):  # type: ignore[misc, valid-type]
+        def __init__(self, host_name: str, port: int, *args: Any, **kwargs: Any) -> None:
+            is_master = kwargs.get("is_master", args[1] if len(args) > 1 else False)
+            if is_master and host_name in LOOPBACK and kwargs.get("master_listen_fd") is None:
+                listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind(("127.0.0.1", port))
+                listener.listen(1024)
+                # the store takes the socket over, and closes it
+                port, kwargs["master_listen_fd"] = listener.getsockname()[1], listener.detach()
+            super().__init__(host_name, port, *args, **kwargs)
+
+    dist.TCPStore = LoopbackStore  # type: ignore[misc]
+    c10d_rendezvous_backend.TCPStore = LoopbackStore  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        dist.TCPStore = base  # type: ignore[misc]
+        c10d_rendezvous_backend.TCPStore = base  # type: ignore[attr-defined]
+
+
 @contextmanager
 def _environment(job: Job, plan: Plan | str | None, device: str | None) -> Iterator[str]:
     """Set the variables workers inherit, quiet the agent's log, clean up afterwards."""
@@ -136,7 +175,8 @@ def _environment(job: Job, plan: Plan | str | None, device: str | None) -> Itera
         if not os.environ.get("MESHWISE_VERBOSE"):
             for log in agent_logs:
                 log.setLevel(logging.CRITICAL)
-        yield run_dir
+        with _loopback_stores() if job.nnodes == 1 else nullcontext():
+            yield run_dir
     finally:
         for log, level in zip(agent_logs, saved_levels):
             log.setLevel(level)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -147,6 +148,22 @@ def test_killing_the_launcher_leaves_no_worker_behind() -> None:
     while _processes_with(token) and time.monotonic() < end:
         time.sleep(0.1)
     assert not _processes_with(token)
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to list listening sockets")
+def test_a_local_job_listens_on_loopback_only() -> None:
+    """The agent's stores and the workers' gloo sockets: nothing reachable from the network."""
+    token = uuid.uuid4().hex
+    proc = _start_sleepy(token)
+    try:
+        pids = set(_processes_with(token))
+        listening = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, timeout=10).stdout.splitlines()
+        ours = [line for line in listening if any(f"pid={pid}," in line for pid in pids)]
+        assert len(ours) >= 3, listening  # the rendezvous store, and a gloo socket per worker
+        assert all(line.split()[3].startswith("127.0.0.1:") for line in ours), ours
+    finally:
+        proc.send_signal(signal.SIGINT)
+        finish(proc, 30)
 
 
 def test_ctrl_c_stops_every_worker_and_says_so_once() -> None:
