@@ -6,6 +6,7 @@ A bad argument or plan is one line on stderr and exit code 2, before any worker 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -81,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                       help="bf16: mixed-precision Adam (--transformer's default); fp32: fp32 Adam (SCRIPT's default: "
                            "the profile runs in fp32)")
+    plan.add_argument("--optimizer", choices=("adam", "sgd"), default=None,
+                      help="--transformer: the optimizer whose state is counted (default adam; sgd: with momentum)")
     plan.add_argument("--memory", help="memory budget per device, e.g. 40GB (default: the hardware's)")
     plan.add_argument("--evaluate", metavar="SPEC", help="fix these plan fields (dp=..,tp=..,pp=..) and search the rest")
     plan.add_argument("--top", type=int, default=10, help="plans to show (default 10)")
@@ -108,7 +111,7 @@ def _plan_command(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> in
         if missing:
             raise ValueError(f"--transformer needs {', '.join(missing)} (e.g. layers=32,hidden=4096,heads=32,"
                              f"seq=4096,vocab=32000)")
-        work = Workload.transformer(**fields)
+        work = dataclasses.replace(Workload.transformer(**fields), optimizer=ns.optimizer or "adam")
         if ns.hardware not in HARDWARE:
             raise ValueError(f"--hardware {ns.hardware!r} is unknown: use one of {', '.join(HARDWARE)}")
         hw = HARDWARE[ns.hardware]
@@ -130,7 +133,7 @@ def _plan_command(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> in
         print(dumps(results, ns.top))
     else:
         print(f"{work.name}, {work.params / 1e9:.2f}B parameters; {ns.devices} x {hw.name}, "
-              f"budget {budget / GB:.1f} GB per device; global batch {ns.batch}; {ns.precision}")
+              f"budget {budget / GB:.1f} GB per device; global batch {ns.batch}; {ns.precision}, {work.optimizer}")
         print(table(results, ns.top, budget))
     return 0
 
@@ -150,6 +153,8 @@ def _plan_script(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int
         parser.error(f"--hardware {ns.hardware!r} is unknown: use one of {', '.join(HARDWARE)}")
     if ns.devices < 1 or ns.top < 1 or (ns.batch is not None and ns.batch < 1):
         parser.error("--devices, --top and --batch must be >= 1")
+    if ns.optimizer is not None:
+        parser.error("--optimizer applies to --transformer; plan SCRIPT measures the script's own optimizer")
     if ns.precision == "bf16":
         parser.error("plan SCRIPT profiles in fp32 and plans fp32; bf16 planning of a script is not available yet")
     if ns.evaluate:

@@ -88,6 +88,10 @@ class Hardware:
     """Seconds per module split by tensor parallelism and micro-batch, forward and backward
     together, beyond its compute and collectives (DTensor's dispatch): 3 ms on the 2-core CPU
     host (fitted with bench/planner.py at world 2); the GPU figure is an assumption."""
+    measured: tuple[tuple[str, float, float], ...] = ()
+    """(collective, latency s per step, bandwidth bytes/s) fitted on the job's own links
+    (``meshwise.profile.fit_links``): "all_reduce", "all_gather", "reduce_scatter",
+    "send_recv". They replace ``latency`` and the bandwidths for those collectives."""
     overlap: bool = True
     """Whether gradient communication overlaps backward compute (GPUs: yes; CPU processes that
     share their cores with gloo's threads: no)."""
@@ -181,6 +185,15 @@ class Workload:
     """Parameter tensors (ZeRO-1 broadcasts each one from the rank that updated it)."""
     optimizer_seconds: float = 0.0
     """Measured seconds of one optimizer step over all parameters (a profile); 0: from memory bandwidth."""
+    optimizer: str = "adam"
+    """The optimizer whose state ``BYTES`` counts: "adam" or "sgd" (with momentum)."""
+    state_bytes: float = 0.0
+    """Measured optimizer-state bytes per parameter (a profile); 0: from ``BYTES``."""
+
+    def sizes(self, precision: str) -> tuple[float, float, float]:
+        """(parameter, gradient, optimizer-state) bytes per parameter in ``precision``."""
+        p, g, o = BYTES[precision, self.optimizer]
+        return (p, g, self.state_bytes) if self.state_bytes else (p, g, o)
     tp_degrees: tuple[int, ...] | None = None
     """The tensor-parallel degrees that split the model (a profile: the degrees that split all
     that tp=2 splits); None: any degree that divides the heads."""
@@ -248,13 +261,16 @@ class Estimate:
     """Compute threads per process the estimate assumes (CPU hosts); 0: one device per process."""
 
 
-BYTES = {"bf16": (2, 2, 12), "fp32": (4, 4, 8)}
-"""(parameter, gradient, optimizer-state) bytes per parameter: mixed-precision Adam, fp32 Adam."""
+BYTES = {("bf16", "adam"): (2, 2, 12), ("fp32", "adam"): (4, 4, 8), ("bf16", "sgd"): (2, 2, 8), ("fp32", "sgd"): (4, 4, 4)}
+"""(parameter, gradient, optimizer-state) bytes per parameter, by precision and optimizer: Adam
+keeps two moments, SGD one momentum buffer; mixed precision adds fp32 master weights."""
+OPTIMIZERS = ("adam", "sgd")
 
 
-def model_state_bytes(params: float, zero: int, dp: int, precision: str = "bf16") -> tuple[float, float, float]:
+def model_state_bytes(params: float, zero: int, dp: int, precision: str = "bf16",
+                      optimizer: str = "adam") -> tuple[float, float, float]:
     """(parameters, gradients, optimizer) bytes per device for ``params`` parameters under ZeRO."""
-    p, g, o = (params * b for b in BYTES[precision])
+    p, g, o = (params * b for b in BYTES[precision, optimizer])
     if zero >= 1:
         o /= dp
     if zero >= 2:
@@ -361,6 +377,7 @@ def estimate(work: Workload, plan: Plan, hw: Hardware, batch: int, *, budget: fl
         return Estimate(plan, False, reason)
     v = 2 if plan.schedule == "interleaved" and pp > 1 else 1
     b = batch // (dp * m)  # samples per micro-batch
+    sizes = work.sizes(plan.precision)
     scale = (4 if plan.precision == "fp32" else 2) / work.value_bytes  # activation bytes in the plan's precision
     peak = hw.flops[plan.precision] * hw.efficiency
     shared = max(1.0, min(plan.world_size, hw.devices_per_node) / hw.slots) if hw.slots else 1.0
@@ -372,6 +389,12 @@ def estimate(work: Workload, plan: Plan, hw: Hardware, batch: int, *, budget: fl
         start += c
     chunks[0] = [*work.extra_first, *chunks[0]]
     chunks[-1] = [*chunks[-1], *work.extra_last]
+    fitted = {name: (bw, lat) for name, lat, bw in hw.measured}
+
+    def link(name: str, bw: float) -> tuple[float, float]:
+        """(bandwidth, latency) of collective ``name`` on a link of bandwidth ``bw``."""
+        return fitted.get(name, (bw, hw.latency))
+
     tp_bw = hw.intra_bw if tp <= hw.devices_per_node else hw.inter_bw
     pp_bw = hw.intra_bw if tp * pp <= hw.devices_per_node else hw.inter_bw
     dp_bw = hw.intra_bw if dp * pp * tp <= hw.devices_per_node else hw.inter_bw
@@ -380,7 +403,7 @@ def estimate(work: Workload, plan: Plan, hw: Hardware, batch: int, *, budget: fl
     cpu = 0.0  # one micro-batch's work through this device's chunks that keeps a processor busy
     for chunk in chunks:
         flops = sum(x.flops for x in chunk) * b / tp
-        comm = sum(allreduce_time(x.tp_comm_bytes * b * scale, tp, tp_bw, hw.latency) for x in chunk)
+        comm = sum(allreduce_time(x.tp_comm_bytes * b * scale, tp, *link("all_reduce", tp_bw)) for x in chunk)
         software = 0.0
         if tp > 1:  # per collective call and split module, beyond the bytes (a profile's layers)
             software = (sum(x.tp_calls for x in chunk) * hw.call_overhead
@@ -401,7 +424,8 @@ def estimate(work: Workload, plan: Plan, hw: Hardware, batch: int, *, budget: fl
                          for x in chunk)
         acts.append(per_sample * b * scale)
         params.append(sum((x.params - x.whole_params) / tp + x.whole_params for x in chunk))
-    p2p = work.output_bytes * b * scale / tp / pp_bw + hw.latency if pp > 1 else 0.0
+    p2p_bw, p2p_latency = link("send_recv", pp_bw)
+    p2p = work.output_bytes * b * scale / tp / p2p_bw + p2p_latency if pp > 1 else 0.0
     # one stage: gradient accumulation runs each micro-batch's forward and backward in turn
     makespan, _, peaks = simulate(plan.schedule if pp > 1 else "1f1b", pp, m, v, tuple(fwd), tuple(bwd), p2p,
                                   tuple(acts))
@@ -410,25 +434,25 @@ def estimate(work: Workload, plan: Plan, hw: Hardware, batch: int, *, budget: fl
     # data parallelism: gradients reduced once a step, overlapping the last micro-batch's backward
     per_device = [sum(params[d + k * pp] for k in range(v)) for d in range(pp)]
     worst = max(range(pp), key=lambda d: per_device[d])
-    grad_bytes = per_device[worst] * BYTES[plan.precision][1]
+    grad_bytes = per_device[worst] * sizes[1]
     if plan.zero >= 3 and pp == 1:  # parameters gathered per micro-batch in forward and backward
-        gathers = 2 * m * gather_time(per_device[worst] * BYTES[plan.precision][0], dp, dp_bw,
-                                                         hw.latency)
-        dp_comm = gather_time(grad_bytes, dp, dp_bw, hw.latency) + gathers
+        gathers = 2 * m * gather_time(per_device[worst] * sizes[0], dp, *link("all_gather", dp_bw))
+        dp_comm = gather_time(grad_bytes, dp, *link("reduce_scatter", dp_bw)) + gathers
         overlap = compute_time / 2
     elif plan.zero >= 2 or (plan.zero == 1 and megatron):  # reduce-scatter the gradients, all-gather the
         # updated parameters (zero=2; zero=3 in a pipeline, whose stages gather once a step)
-        dp_comm = gather_time(grad_bytes, dp, dp_bw, hw.latency) + gather_time(
-            per_device[worst] * BYTES[plan.precision][0], dp, dp_bw, hw.latency)
+        dp_comm = gather_time(grad_bytes, dp, *link("reduce_scatter", dp_bw)) + gather_time(
+            per_device[worst] * sizes[0], dp, *link("all_gather", dp_bw))
         overlap = sum(bwd[worst + k * pp] for k in range(v))
     else:  # DDP's all-reduce, one call per 25 MB bucket
-        dp_comm = allreduce_time(grad_bytes, dp, dp_bw, hw.latency) + hw.call_overhead * math.ceil(grad_bytes / 25e6)
+        dp_comm = allreduce_time(grad_bytes, dp, *link("all_reduce", dp_bw)) + hw.call_overhead * math.ceil(
+            grad_bytes / 25e6)
         overlap = sum(bwd[worst + k * pp] for k in range(v))
     exposed = max(0.0, dp_comm - (overlap if hw.overlap else 0.0)) if dp > 1 else 0.0
     overheads = 0.0  # software time of the collectives below, which keeps a processor busy
     if plan.zero == 1 and not megatron and dp > 1:  # ZeroRedundancyOptimizer: each updated parameter broadcast
         # from its owner after the step, tensor by tensor, overlapping nothing
-        exposed += gather_time(per_device[worst] * BYTES[plan.precision][0], dp, dp_bw, hw.latency)
+        exposed += gather_time(per_device[worst] * sizes[0], dp, *link("all_gather", dp_bw))
         exposed += work.tensors / pp * hw.latency
         overheads = work.tensors / pp * hw.call_overhead
         exposed += overheads
@@ -440,7 +464,7 @@ def estimate(work: Workload, plan: Plan, hw: Hardware, batch: int, *, budget: fl
         exposed += units * calls * hw.fsdp_overhead  # mostly waiting on the slowest rank: not in ``overheads``
     share = (dp if plan.zero else 1) * (work.params / tp / per_device[worst] if per_device[worst] else 1.0)
     optimizer = (work.optimizer_seconds / share if work.optimizer_seconds else
-                 per_device[worst] * (sum(BYTES[plan.precision]) * 2) / (hw.memory_bw * (dp if plan.zero else 1)))
+                 per_device[worst] * (sum(sizes) * 2) / (hw.memory_bw * (dp if plan.zero else 1)))
     step = makespan + exposed + optimizer
     if shared > 1:  # processes that share cores: each runs at full speed while another waits, but together
         # they cannot take less than the cores give them; and they run slower for switching between them
@@ -449,9 +473,12 @@ def estimate(work: Workload, plan: Plan, hw: Hardware, batch: int, *, budget: fl
         step, makespan, compute_time, exposed, optimizer = (x * factor for x in (step, makespan, compute_time,
                                                                                 exposed, optimizer))
 
-    p, g, o = model_state_bytes(per_device[worst], plan.zero, dp, plan.precision)
+    p, g, o = (per_device[worst] * x for x in sizes)
+    o /= dp if plan.zero >= 1 else 1
+    g /= dp if plan.zero >= 2 else 1
+    p /= dp if plan.zero >= 3 else 1
     if pp > 1 and plan.zero >= 2:  # a pipeline stage holds its parameters and gradients whole during a step
-        p, g = (per_device[worst] * x for x in BYTES[plan.precision][:2])
+        p, g = (per_device[worst] * x for x in sizes[:2])
     act = max(peaks)
     mem = Memory(parameters=p, gradients=g, optimizer=o, activations=act, reserved=hw.reserved)
     samples = batch / step

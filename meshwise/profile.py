@@ -7,8 +7,9 @@ links cost. ``auto_plan`` puts them together for ``--plan auto``.
   (small micro-batches cost more per row). It also records the bytes it saves for
   backward (saved-tensor hooks), its parameters, what a cut after it would send, and
   what tensor parallelism would split of it (``tensor_costs``).
-* **Links.** Every rank times all-reduces of 4 KB to 8 MB on the job's real process group.
-  The slowest rank's times are fitted as latency + bytes / bandwidth, for a ring.
+* **Links.** Every rank times all-reduces, all-gathers, reduce-scatters and sends of 4 KB
+  to 8 MB on the job's real process group. The slowest rank's times are fitted, per
+  collective, as latency + bytes / bandwidth, for a ring.
 
 The profile is a ``meshwise.cost.Workload`` whose layers carry measured seconds instead
 of FLOPs. The local "hardware" carries the fitted link, the memory per process and, on
@@ -80,7 +81,7 @@ def profile_model(model: torch.nn.Module, sample: Any, device: torch.device, los
                                  whole_params=whole if degrees else a.params, tp_calls=calls,
                                  tp_modules=modules))
     extra: tuple[cost.Layer, ...] = ()
-    step_seconds = 0.0
+    step_seconds = state_bytes = 0.0
     if loss_fn is not None:  # the model's own code between layers and the loss: with the last stage
         whole = {n: _step_seconds(model, resized(sample, n), loss_fn, optimizer, device) for n in sizes}
         rest = {n: max(0.0, whole[n][0] - sum(x.ms for x in runs[n]) / 1e3) for n in sizes}
@@ -89,11 +90,12 @@ def profile_model(model: torch.nn.Module, sample: Any, device: torch.device, los
                             seconds=per_row, fixed_seconds=max(0.0, rest[rows] - per_row * rows),
                             points=tuple((n, rest[n]) for n in sizes)),)
         step_seconds = whole[rows][1]  # the optimizer step: once a step, whatever the batch
+        state_bytes = whole[rows][2]
     sent = max((c.bytes for c in small_cut.crossings[1:-1]), default=0) / rows
     value_bytes = next((p.element_size() for p in model.parameters()), 4)  # 4 for a model without parameters
     return cost.Workload(name=type(model).__name__, layers=tuple(layers), output_bytes=sent, value_bytes=value_bytes,
                          tensors=sum(1 for p in model.parameters() if p.requires_grad), extra_last=extra,
-                         optimizer_seconds=step_seconds, tp_degrees=degrees)
+                         optimizer_seconds=step_seconds, tp_degrees=degrees, state_bytes=state_bytes)
 
 
 def tensor_costs(model: torch.nn.Module, inputs: Any, layers: list[tuple[str, torch.nn.Module]], tp_upto: int
@@ -161,9 +163,10 @@ def _sync(device: torch.device) -> None:
 
 
 def _step_seconds(model: torch.nn.Module, sample: Any, loss_fn: Any, optimizer: Any, device: torch.device,
-                  repeats: int = 5) -> tuple[float, float]:
+                  repeats: int = 5) -> tuple[float, float, float]:
     """Median seconds of a training step's forward, loss and backward, and of its optimizer
-    step, for a copy of ``model`` (in train mode) on ``sample``."""
+    step, for a copy of ``model`` (in train mode) on ``sample``; and the optimizer's state
+    bytes per parameter."""
     import copy
 
     twin = copy.deepcopy(model).train()
@@ -184,42 +187,90 @@ def _step_seconds(model: torch.nn.Module, sample: Any, loss_fn: Any, optimizer: 
             if r:
                 passes.append(middle - start)
                 steps.append(time.perf_counter() - middle)
-    return statistics.median(passes), statistics.median(steps)
+    from meshwise.memory import optimizer_bytes
+
+    count = sum(p.numel() for p in twin.parameters() if p.requires_grad) or 1
+    return statistics.median(passes), statistics.median(steps), optimizer_bytes(opt) / count
 
 
-def fit_links(group: Any, device: torch.device, repeats: int = 5) -> tuple[float, float]:
-    """(latency s, bandwidth bytes/s) of a ring all-reduce on ``group``, from the slowest rank.
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
 
-    Each size's time is the median of ``repeats``: on a host whose processes share cores, the
-    waits between them are part of what every collective costs."""
+
+def fit_links(group: Any, device: torch.device, repeats: int = 5) -> dict[str, tuple[float, float]]:
+    """(latency s per step, bandwidth bytes/s) of each collective on ``group``, from the slowest
+    rank: ring all-reduce, all-gather and reduce-scatter, and one send/receive (a pipeline's).
+
+    Each is timed at 4 KB to 8 MB and fitted as latency x steps + bytes x (share sent) /
+    bandwidth. Each size's time is the median of ``repeats``: on a host whose processes share
+    cores, the waits between them are part of what every collective costs. A collective the
+    backend lacks is left out (the cost model then uses the all-reduce's figures)."""
     n = dist.get_world_size(group)
     if n == 1:
-        return 0.0, float("inf")
-    times = []
-    for size in SIZES:
-        buffer = torch.ones(size // 4, device=device)
-        dist.all_reduce(buffer, group=group)  # warm-up: connections, allocations
-        samples = []
-        for _ in range(repeats):
-            dist.barrier(group=group)
-            _sync(device)
-            start = time.perf_counter()
-            dist.all_reduce(buffer, group=group)
-            _sync(device)
-            samples.append(time.perf_counter() - start)
-        times.append(statistics.median(samples))
-    slowest = torch.tensor(times, dtype=torch.float64, device=device)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
-    ts = slowest.tolist()
-    mean_x, mean_t = statistics.fmean(SIZES), statistics.fmean(ts)
-    slope = sum((x - mean_x) * (t - mean_t) for x, t in zip(SIZES, ts)) / sum((x - mean_x) ** 2 for x in SIZES)
-    intercept = max(0.0, mean_t - slope * mean_x)
-    bandwidth = 2 * (n - 1) / n / slope if slope > 0 else float("inf")
-    return intercept / (2 * (n - 1)), bandwidth
+        return {}
+    rank = dist.get_rank(group)
+    # the names torch 2.13 prefers, else those of earlier versions
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    ops = {
+        "all_reduce": lambda size: (lambda b=torch.ones(size // 4, device=device): dist.all_reduce(b, group=group)),
+        "all_gather": lambda size: (lambda i=torch.ones(size // 4 // n, device=device),
+                                    o=torch.empty(size // 4 // n * n, device=device):
+                                    gather(o, i, group=group)),
+        "reduce_scatter": lambda size: (lambda i=torch.ones(size // 4 // n * n, device=device),
+                                        o=torch.empty(size // 4 // n, device=device):
+                                        scatter(o, i, group=group)),
+        "send_recv": lambda size: _exchange(torch.ones(size // 4, device=device), rank, n, group),
+    }
+    fits = {}
+    for name, make in ops.items():
+        try:
+            times = [_median_time(make(size), group, device, repeats) for size in SIZES]
+        except (RuntimeError, NotImplementedError):  # the backend lacks it: every rank alike
+            continue
+        slowest = torch.tensor(times, dtype=torch.float64, device=device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+        ts = slowest.tolist()
+        mean_x, mean_t = statistics.fmean(SIZES), statistics.fmean(ts)
+        slope = sum((x - mean_x) * (t - mean_t) for x, t in zip(SIZES, ts)) / sum((x - mean_x) ** 2 for x in SIZES)
+        intercept = max(0.0, mean_t - slope * mean_x)
+        steps, share = {"all_reduce": (2 * (n - 1), 2 * (n - 1) / n), "send_recv": (1, 1.0)}.get(
+            name, (n - 1, (n - 1) / n))
+        fits[name] = (intercept / steps, share / slope if slope > 0 else float("inf"))
+    return fits
 
 
-def local_hardware(device: torch.device, world: int, latency: float, bandwidth: float) -> cost.Hardware:
-    """This host as the cost model sees it: the fitted link, memory per process, and cores."""
+def _exchange(buffer: torch.Tensor, rank: int, n: int, group: Any) -> Any:
+    """One message from each even rank to the next odd one (a pipeline's send)."""
+    peer = rank + 1 if rank % 2 == 0 else rank - 1
+
+    def run() -> None:
+        if peer >= n:
+            return
+        to = peer if group is None or group is dist.group.WORLD else dist.get_global_rank(group, peer)
+        if rank % 2 == 0:
+            dist.send(buffer, to, group=group)
+        else:
+            dist.recv(buffer, to, group=group)
+    return run
+
+
+def _median_time(run: Any, group: Any, device: torch.device, repeats: int) -> float:
+    run()  # warm-up: connections, allocations
+    samples = []
+    for _ in range(repeats):
+        dist.barrier(group=group)
+        _sync(device)
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def local_hardware(device: torch.device, world: int, latency: float, bandwidth: float,
+                   links: dict[str, tuple[float, float]] | None = None) -> cost.Hardware:
+    """This host as the cost model sees it: the link (and each collective's fit, ``links``),
+    memory per process, and cores."""
     if device.type == "cuda":
         memory = float(torch.cuda.get_device_properties(device).total_memory)
         slots = 0
@@ -231,7 +282,8 @@ def local_hardware(device: torch.device, world: int, latency: float, bandwidth: 
                          intra_bw=bandwidth, inter_bw=bandwidth, devices_per_node=max(world, 1),
                          latency=latency, efficiency=1.0, reserved=256 * 2**20, slots=slots,
                          overlap=device.type == "cuda", fsdp_overhead=like.fsdp_overhead,
-                         call_overhead=like.call_overhead, split_overhead=like.split_overhead, contention=like.contention)
+                         call_overhead=like.call_overhead, split_overhead=like.split_overhead, contention=like.contention,
+                         measured=tuple((k, *v) for k, v in sorted((links or {}).items())))
 
 
 def cores() -> int:
@@ -314,7 +366,8 @@ def rank_job(model: torch.nn.Module, sample: Any, device: torch.device, batch: i
     (every estimate, fewer processes included; the profile at the job's threads; this
     host as hardware for the job)."""
     world = dist.get_world_size()
-    latency, bandwidth = fit_links(dist.group.WORLD, device)
+    links = fit_links(dist.group.WORLD, device)
+    latency, bandwidth = links.get("all_reduce", (0.0, float("inf")))
     now = torch.get_num_threads() if device.type == "cpu" else 0
     choices = [(world, now)]
     if device.type == "cpu":
@@ -327,9 +380,9 @@ def rank_job(model: torch.nn.Module, sample: Any, device: torch.device, batch: i
         if failure is not None:
             raise failure
         results, _ = rank_processes(lambda threads: measured[threads],
-                                    lambda p: local_hardware(device, p, latency, bandwidth), choices, batch,
+                                    lambda p: local_hardware(device, p, latency, bandwidth, links), choices, batch,
                                     fixed={"precision": "fp32"})
-        return results, measured[now], local_hardware(device, world, latency, bandwidth)
+        return results, measured[now], local_hardware(device, world, latency, bandwidth, links)
 
     return ranking
 
@@ -370,8 +423,9 @@ def auto_plan(model: torch.nn.Module, sample: Any, device: torch.device, batch: 
     if is_main:
         print(f"meshwise: --plan auto: planned for a global batch of {batch} rows (parallelize's batch_size, "
               f"else the sample's)", flush=True)
-        print(f"meshwise: --plan auto: profiled {len(work.layers)} layers of {work.name}; links: latency "
-              f"{hw.latency * 1e6:.0f} us, {hw.intra_bw / 1e9:.2f} GB/s; {hw.slots or 'no'} core limit", flush=True)
+        fitted = ", ".join(f"{name} {lat * 1e6:.0f} us + {bw / 1e9:.2f} GB/s" for name, lat, bw in hw.measured)
+        print(f"meshwise: --plan auto: profiled {len(work.layers)} layers of {work.name}; links: "
+              f"{fitted or 'none (one process)'}; {hw.slots or 'no'} core limit", flush=True)
         for label, e in [("chose", chosen), *[("next", r) for r in runners_up]]:
             assert e.memory is not None
             print(f"meshwise: {label} {e.plan}: predicted step {e.step_time * 1e3:.1f} ms, {e.samples_per_s:.0f} "

@@ -7,6 +7,7 @@ within 10% (it is 2.7% now), so a change that breaks the model's calibration fai
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -18,7 +19,7 @@ import torch
 
 from typing import Any
 
-from meshwise.cost import GB, HARDWARE, Layer, Workload, estimate, model_state_bytes, simulate
+from meshwise.cost import GB, HARDWARE, Hardware, Layer, Workload, estimate, model_state_bytes, simulate
 from meshwise.plan import Plan
 from meshwise.search import as_json, search
 
@@ -32,6 +33,52 @@ def test_zero_model_state_bytes_under_mixed_precision_adam(zero: int, expected: 
 
 def test_fp32_adam_holds_16_bytes_a_parameter_replicated() -> None:
     assert model_state_bytes(10.0, 0, 4, "fp32") == (40.0, 40.0, 80.0)
+
+
+def test_the_optimizer_sets_the_state_bytes_and_a_profile_measures_them() -> None:
+    assert model_state_bytes(10.0, 0, 4, "bf16", "sgd") == (20.0, 20.0, 80.0)  # fp32 master + momentum
+    assert model_state_bytes(10.0, 1, 4, "fp32", "sgd") == (40.0, 40.0, 10.0)
+    work = Workload.transformer(layers=4, hidden=256, heads=4, seq=128, vocab=1000)
+    adam, sgd = (estimate(dataclasses.replace(work, optimizer=o), Plan(precision="bf16"), HARDWARE["h100"], 8)
+                 for o in ("adam", "sgd"))
+    assert sgd.memory.optimizer == pytest.approx(adam.memory.optimizer * 8 / 12)
+    from meshwise.profile import profile_model
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    sample = (torch.randn(4, 8), torch.zeros(4, dtype=torch.long))
+    for make, per_param in ((lambda p: torch.optim.AdamW(p), 8.0), (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), 4.0)):
+        measured = profile_model(model, sample, torch.device("cpu"), torch.nn.functional.cross_entropy, make)
+        # Adam: two fp32 moments a parameter (and a step count a tensor); SGD: one momentum buffer
+        assert measured.state_bytes == pytest.approx(per_param, rel=0.05)
+
+
+def test_each_collective_is_fitted_on_the_jobs_own_links() -> None:
+    import harness
+
+    fits = harness.run(_fit, 2, deadline=60)[0]
+    assert set(fits) == {"all_reduce", "all_gather", "reduce_scatter", "send_recv"}
+    assert all(lat >= 0 and 1e6 < bw < 1e12 for lat, bw in fits.values()), fits
+    hw = _local_hw(fits)
+    base = Workload.transformer(layers=4, hidden=64, heads=4, seq=16, vocab=96)
+    slow = Hardware(**{**hw.__dict__, "measured": tuple((k, lat, bw / 100) for k, lat, bw in hw.measured)})
+    plan = Plan(dp=2)
+    assert estimate(base, plan, slow, 8).step_time > estimate(base, plan, hw, 8).step_time  # the fits are used
+
+
+def _fit() -> dict:
+    import torch.distributed as dist
+
+    from meshwise import dist as mwdist
+    from meshwise.profile import fit_links
+
+    device = mwdist.init("cpu").device
+    return fit_links(dist.group.WORLD, device)
+
+
+def _local_hw(fits: dict) -> Any:
+    from meshwise.profile import local_hardware
+
+    return local_hardware(torch.device("cpu"), 2, *fits["all_reduce"], fits)
 
 
 @pytest.mark.parametrize(("schedule", "v"), [("gpipe", 1), ("1f1b", 1), ("interleaved", 2)])
