@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -49,8 +50,20 @@ def save(engine: Any, root: str, *, keep: int = 3) -> str:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
         os.makedirs(partial)
+        newer = [d for d in complete(root) if int(os.path.basename(d)[5:]) > engine.steps]
+        if newer:
+            warnings.warn(f"{root} holds {os.path.basename(newer[-1])}, newer than this save (step {engine.steps}): "
+                          f"a resume would take that one; give each run its own checkpoint directory", stacklevel=3)
     dist.barrier()
     tensors = _gather(engine)
+    covered: list[Any] = [None] * engine.world_size
+    dist.all_gather_object(covered, [k for k in tensors if k.startswith("model/")])
+    if engine.is_main and hasattr(engine, "_state_names"):  # a pipeline: state no stage holds (a buffer
+        # forward never touches) is the model's own, unchanged by training
+        held = {k for part in covered for k in part}
+        for name, value in engine._model.state_dict().items():
+            if f"model/{name}" not in held:
+                tensors[f"model/{name}"] = _whole(value).detach().cpu().clone()
     tensors[f"rng/{engine.rank}"] = torch.get_rng_state()
     if engine.device.type == "cuda":
         tensors[f"rng-cuda/{engine.rank}"] = torch.cuda.get_rng_state(engine.device)
@@ -75,12 +88,17 @@ def save(engine: Any, root: str, *, keep: int = 3) -> str:
         _write(os.path.join(partial, "meta.json"), json.dumps(meta, indent=1))
         _write(os.path.join(partial, COMPLETE), "")
         _fsync(partial)
-        if os.path.exists(final):  # the same step saved again: the new one replaces it
-            shutil.rmtree(final)
+        replaced = os.path.join(root, f".old-{name}")
+        if os.path.exists(final):  # the same step saved again: moved aside, deleted once the new one is in
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.rename(final, replaced)
         os.rename(partial, final)
         _fsync(root)
-        for old in complete(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(replaced, ignore_errors=True)
+        for old in [d for d in complete(root) if d != final][:max(0, len(complete(root)) - keep)]:
+            aside = os.path.join(root, f".old-{os.path.basename(old)}")  # no longer a checkpoint, then gone
+            os.rename(old, aside)
+            shutil.rmtree(aside, ignore_errors=True)
     dist.barrier()
     return final
 
@@ -100,6 +118,15 @@ def latest(root: str) -> str | None:
         return root
     found = complete(root)
     return found[-1] if found else None
+
+
+def agreed_latest(root: str) -> str | None:
+    """``latest(root)`` as rank 0 sees it, on every rank (a collective in a job): ranks whose
+    view of a shared filesystem lags must not load another checkpoint."""
+    found = [latest(root)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(found, src=0)
+    return found[0]
 
 
 def read_meta(path: str) -> dict[str, Any]:
@@ -137,22 +164,29 @@ def load(engine: Any, path: str) -> dict[str, Any]:
     _agree(problems, engine)
     made = _materialize(engine)  # the optimizer's state, to fill (a collective under zero=1)
     state = _state_targets(engine)
+    # a parameter without state in the checkpoint had none (it never had a gradient): drop the made one
+    stateless = {t.param for k, t in state.items() if k not in index}
+    state = {k: t for k, t in state.items() if all(t.param is not p for p in stateless)}
     values.update(_read(path, index, state, meta, problems))
+    own = {k: f"{k}/{engine.rank}" for k in ("rng", "rng-cuda")}
+    same_world = meta["world_size"] == engine.world_size  # else the random streams do not correspond
+    rng = {key: _Plain(torch.get_rng_state() if k == "rng" else torch.cuda.get_rng_state(engine.device))
+           for k, key in own.items() if same_world and key in index and (k == "rng" or engine.device.type == "cuda")}
+    values.update(_read(path, index, rng, meta, problems))
     try:
         _agree(problems, engine)
     except ValueError:
         if made:  # back to an optimizer that has not stepped
             _clear_state(engine.optimizer)
         raise
+    _drop_state(engine.optimizer, stateless)
     with torch.no_grad():
         for key, target in {**model, **state}.items():
             _assign(target, values[key])
-    own = f"rng/{engine.rank}"
-    if meta["world_size"] == engine.world_size and own in index:  # another layout: the streams do not match
-        from safetensors import safe_open
-
-        with safe_open(os.path.join(path, index[own]["file"]), framework="pt") as f:
-            torch.set_rng_state(f.get_tensor(own))
+    if own["rng"] in rng:
+        torch.set_rng_state(values[own["rng"]])
+    if own["rng-cuda"] in rng:
+        torch.cuda.set_rng_state(values[own["rng-cuda"]], engine.device)
     _set_hyperparameters(engine.optimizer, meta.get("optimizer") or {})
     engine.steps = int(meta["step"])
     engine.resume_position(meta.get("position"))
@@ -303,6 +337,22 @@ def _state_targets(engine: Any) -> dict[str, Any]:
     return out
 
 
+class _Plain:
+    """A tensor read as it is (a random state), for ``_read``'s checks."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.shape = tuple(like.shape)
+
+
+def _drop_state(optimizer: Any, params: set[Any]) -> None:
+    if params:
+        state = getattr(optimizer, "optim", optimizer).state
+        pairs = getattr(optimizer, "_pairs", None)
+        views = {id(p): view for p, view in pairs} if pairs else {}
+        for p in params:
+            state.pop(views.get(id(p), p), None)
+
+
 class _Shaped:
     """An optimizer state tensor and the parameter it belongs to (for its whole shape)."""
 
@@ -325,7 +375,7 @@ def _materialize(engine: Any) -> bool:
         return False
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     pairs = getattr(optimizer, "_pairs", None)
-    owners = [p for p, _ in pairs] if pairs else params
+    owners = [p for p, _ in pairs if p.requires_grad] if pairs else params
     for p in owners:
         p.grad = torch.zeros_like(p)
     rates = [g["lr"] for g in optimizer.param_groups]
@@ -361,25 +411,31 @@ def _local(whole: torch.Tensor, like: Any) -> torch.Tensor:
 
 
 def _hyperparameters(optimizer: Any) -> dict[str, Any]:
-    if optimizer is None or not optimizer.param_groups:
+    """The optimizer's class and each parameter group's settings (``lr``, ``betas``, a
+    scheduler's ``initial_lr``...): numbers, strings and tuples of them."""
+    if optimizer is None:
         return {}
-    group = optimizer.param_groups[0]
-    out: dict[str, Any] = {"class": type(getattr(optimizer, "optim", optimizer)).__name__}
-    for key, value in group.items():
-        if key == "params":
-            continue
-        if isinstance(value, _HYPER) or (isinstance(value, (tuple, list)) and all(isinstance(v, _HYPER) for v in value)):
-            out[key] = list(value) if isinstance(value, (tuple, list)) else value
-    return out
+    groups = []
+    for group in optimizer.param_groups:
+        kept: dict[str, Any] = {}
+        for key, value in group.items():
+            if key == "params":
+                continue
+            if isinstance(value, _HYPER) or (isinstance(value, (tuple, list)) and all(isinstance(v, _HYPER) for v in value)):
+                kept[key] = list(value) if isinstance(value, (tuple, list)) else value
+        groups.append(kept)
+    return {"class": type(getattr(optimizer, "optim", optimizer)).__name__, "groups": groups}
 
 
 def _set_hyperparameters(optimizer: Any, saved: dict[str, Any]) -> None:
-    if optimizer is None:
+    """Each group's saved settings; with another number of groups (a pipeline's stages hold
+    some of them), the first group's settings for all."""
+    groups = saved.get("groups") or []
+    if optimizer is None or not groups:
         return
-    for group in optimizer.param_groups:
-        for key, value in saved.items():
-            if key != "class" and key in group:
-                group[key] = tuple(value) if isinstance(group[key], tuple) else value
+    for i, group in enumerate(optimizer.param_groups):
+        for key, value in (groups[i] if len(groups) == len(optimizer.param_groups) else groups[0]).items():
+            group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
 
 
 def _write(path: str, text: str) -> None:

@@ -125,6 +125,13 @@ def init(device: str | torch.device | None = None, timeout: float | None = None)
             )
             global _progress_store
             _progress_store = store
+            # groups made later (device meshes, pipeline groups) take torch's default timeout
+            # (30 min for gloo), not the default group's: make it this job's
+            from torch.distributed import distributed_c10d
+
+            for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+                if isinstance(getattr(distributed_c10d, name, None), timedelta):
+                    setattr(distributed_c10d, name, timedelta(seconds=seconds))
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
             atexit.register(_destroy)  # ours to close: NCCL warns of leaked resources otherwise
@@ -180,7 +187,7 @@ def collective_failure(error: BaseException) -> bool:
     text = str(error).lower()
     return isinstance(error, RuntimeError) and any(
         w in text for w in ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
-                            "nccl", "gloo"))
+                            "communicator was aborted"))
 
 
 def _destroy() -> None:

@@ -109,9 +109,9 @@ def parallelize(
     if resume is None:  # meshwise run --resume, or a restart after a failure
         resume = os.environ.get(RESUME_ENV) == "1" or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
     if resume and checkpoint:
-        from meshwise.checkpoint import latest
+        from meshwise.checkpoint import agreed_latest
 
-        found = latest(checkpoint)
+        found = agreed_latest(checkpoint)
         if found is not None:
             meta = engine.load(found)
             if engine.is_main:
@@ -315,7 +315,7 @@ class Engine:
         root = path or self.checkpoint_dir
         if not root:
             raise ValueError("load needs a path: engine.load('checkpoints') or parallelize(..., checkpoint=DIR)")
-        found = checkpoint.latest(root)
+        found = checkpoint.agreed_latest(root)
         if found is None:
             raise ValueError(f"{root} holds no complete meshwise checkpoint (a step-NNNNNNNN directory with a "
                              f"{checkpoint.COMPLETE} marker)")
@@ -335,21 +335,22 @@ class Engine:
         step = self.step
 
         def guarded(batch: Any) -> float:
-            mwdist.mark_progress(self.rank, self.steps + 1)
+            number = self.steps + 1
+            mwdist.mark_progress(self.rank, number)
             try:
                 return step(batch)
             except RuntimeError as error:
-                if not mwdist.collective_failure(error):
-                    raise
+                if not mwdist.collective_failure(error) or self.steps >= number:  # not a collective, or in
+                    raise  # the step's checkpoint (which says so itself)
                 seen = mwdist.progress(self.world_size) or {}
-                behind = sorted(r for r, s in seen.items() if s <= self.steps)
+                behind = sorted(r for r, s in seen.items() if s < number)
                 missing = sorted(set(range(self.world_size)) - set(seen))
-                who = (f"rank(s) {behind} had not begun step {self.steps + 1}" if behind else
+                who = (f"rank(s) {behind} had not begun step {number}" if behind else
                        f"ranks {missing} never began a step" if missing and seen else
                        "every rank had begun it, so one stalled or died inside it")
                 first = str(error).strip().splitlines()[0][:300]
                 raise RuntimeError(
-                    f"rank {self.rank}: step {self.steps + 1} failed in {self._collectives} (plan {self.plan}), "
+                    f"rank {self.rank}: step {number} failed in {self._collectives} (plan {self.plan}), "
                     f"with the collective timeout at {timeout:g} s: {who}. {type(error).__name__}: {first}. "
                     f"Raise --timeout (or parallelize(timeout=)) if the work between collectives is that slow"
                 ) from error

@@ -184,6 +184,36 @@ def test_damaged_checkpoints_are_refused_and_export_gives_a_plain_file(tmp_path)
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def keeping(root: str) -> dict:
+    """keep=2 over steps 0-8, a step saved twice, and another run's save into the same directory."""
+    import warnings
+
+    engine = _engine("dp=1", checkpoint=root, keep=2)
+    engine.save()  # before any step: no optimizer state yet
+    fresh = _engine("dp=1")
+    fresh.load(root)
+    out = {"state after a step-0 load": len(fresh.optimizer.state)}
+    for stop in (2, 4, 6, 8):
+        _train(engine, stop=stop)
+        engine.save()
+    engine.save()  # step 8 again
+    out["kept"] = [os.path.basename(p) for p in checkpoint.complete(root)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _engine("dp=1", checkpoint=root, keep=2).save()  # another run, at step 0
+    out["warning"] = " ".join(str(w.message) for w in caught)
+    out["after"] = [os.path.basename(p) for p in checkpoint.complete(root)]
+    return out
+
+
+def test_the_last_checkpoints_are_kept_and_a_new_save_is_never_the_one_deleted(tmp_path) -> None:
+    out = harness.run(keeping, 1, (str(tmp_path),), deadline=60)[0]
+    assert out["state after a step-0 load"] == 0  # as saved: an optimizer that had not stepped
+    assert out["kept"] == ["step-00000006", "step-00000008"]
+    assert "holds step-00000008, newer than this save (step 0)" in out["warning"]
+    assert out["after"] == ["step-00000000", "step-00000008"]
+
+
 def killed_mid_save(root: str) -> None:
     """Rank 1 dies while writing the step-4 checkpoint."""
     import safetensors.torch
