@@ -33,6 +33,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from meshwise import dist as mwdist
+
 FORMAT = 1
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -274,9 +276,9 @@ def _named(engine: Any) -> list[tuple[str, torch.Tensor, bool]]:
     return out
 
 
-def _optimizer_states(optimizer: Any) -> dict[int, tuple[dict[str, Any], Any]]:
-    """id(parameter) -> (its optimizer state, the tensor that state is shaped like), for the
-    parameters whose state lives on this rank."""
+def _optimizer_states(optimizer: Any) -> dict[int, dict[str, Any]]:
+    """id(parameter) -> its optimizer state, for the parameters whose state lives on this rank
+    (under zero=1 over split parameters, keyed by the parameter, not its local view)."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     if optimizer is None:
@@ -284,8 +286,8 @@ def _optimizer_states(optimizer: Any) -> dict[int, tuple[dict[str, Any], Any]]:
     if isinstance(optimizer, ZeroRedundancyOptimizer):  # zero=1: the owner holds the state
         pairs = getattr(optimizer, "_pairs", None)
         views = {id(view): p for p, view in pairs} if pairs else {}
-        return {id(views.get(id(p), p)): (s, p) for p, s in optimizer.optim.state.items() if s}
-    return {id(p): (s, p) for p, s in optimizer.state.items() if s}
+        return {id(views.get(id(p), p)): s for p, s in optimizer.optim.state.items() if s}
+    return {id(p): s for p, s in optimizer.state.items() if s}
 
 
 def _gather(engine: Any) -> dict[str, torch.Tensor]:
@@ -294,8 +296,6 @@ def _gather(engine: Any) -> dict[str, torch.Tensor]:
     states = _optimizer_states(engine.optimizer)
     zero1 = engine.plan.zero == 1
     out: dict[str, torch.Tensor] = {}
-    from meshwise import dist as mwdist
-
     with mwdist.quiet_gathers():
         for name, value, is_param in _named(engine):
             whole = _whole(value)
@@ -306,7 +306,7 @@ def _gather(engine: Any) -> dict[str, torch.Tensor]:
             state = states.get(id(value))
             if state is None:
                 continue
-            for key, tensor in sorted(state[0].items()):
+            for key, tensor in sorted(state.items()):
                 if not isinstance(tensor, torch.Tensor):
                     continue
                 if hasattr(value, "device_mesh") and not hasattr(tensor, "device_mesh") and tensor.dim():
@@ -314,10 +314,8 @@ def _gather(engine: Any) -> dict[str, torch.Tensor]:
 
                     tensor = DTensor.from_local(tensor, value.device_mesh, value.placements, run_check=False)
                 whole_state = _whole(tensor)
-                if writes or (zero1 and getattr(engine, "tp_rank", 0) == 0):
+                if writes or (zero1 and getattr(engine, "tp_rank", 0) == 0):  # zero=1: the owner writes
                     out[f"optim/{name}/{key}"] = whole_state.detach().cpu().clone()
-    if zero1 and not writes:  # zero=1: owners write their parameters' state and nothing else
-        out = {k: v for k, v in out.items() if k.startswith("optim/")}
     return out
 
 
@@ -331,7 +329,7 @@ def _state_targets(engine: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value, is_param in _named(engine):
         state = states.get(id(value)) if is_param else None
-        for key, tensor in sorted((state[0] if state else {}).items()):
+        for key, tensor in sorted((state or {}).items()):
             if isinstance(tensor, torch.Tensor):
                 out[f"optim/{name}/{key}"] = _Shaped(tensor, value)
     return out

@@ -340,6 +340,7 @@ class TensorEngine(Engine):
         mesh = init_device_mesh(self.device.type, (plan.dp, plan.tp), mesh_dim_names=("dp", "tp"))
         self.dp_group, self.tp_group = mesh.get_group("dp"), mesh.get_group("tp")
         self.dp_rank, self.dp_size = mesh.get_local_rank("dp"), plan.dp
+        self.tp_rank = mesh.get_local_rank("tp")
         model.to(self.device)
         memory.broadcast_state(model, self.device)
         self.tensor_plan = split_tensors(model, mesh["tp"], plan, announce=self.is_main)
