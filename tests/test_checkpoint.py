@@ -87,6 +87,28 @@ def resume(root: str, plans: list[str]) -> dict:
     return out
 
 
+class Unused(torch.nn.Module):
+    """A model with a buffer its forward never touches: no pipeline stage holds it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+        self.register_buffer("version", torch.tensor([3.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def resume_dp_and_save_a_pipeline(root: str) -> dict:
+    out = resume(root, ["dp=2"])
+    torch.manual_seed(0)
+    engine = mw.parallelize(Unused(), "pp=2", loss_fn=torch.nn.functional.mse_loss, sample=(torch.zeros(2, 4),
+                            torch.zeros(2, 2)), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    engine.step((torch.randn(4, 4), torch.randn(4, 2)))
+    engine.save(os.path.join(root, "unused"))
+    return out
+
+
 def resume_and_reshard(root: str) -> dict:
     out = resume(root, ["dp=2,pp=2,microbatches=2", "dp=4"])
     for plan in ("dp=4", "dp=2,tp=2", "dp=4,zero=3"):
@@ -108,7 +130,14 @@ def load_alone(root: str) -> dict[str, torch.Tensor]:
 
 
 def test_resume_is_exact_and_checkpoints_load_under_other_plans(tmp_path) -> None:
-    assert harness.run(resume, 2, (str(tmp_path / "dp"), ["dp=2"]), deadline=120)[0] == {"dp=2": 0.0}
+    assert harness.run(resume_dp_and_save_a_pipeline, 2, (str(tmp_path),), deadline=120)[0] == {"dp=2": 0.0}
+    out = tmp_path / "unused.safetensors"  # a pipeline's checkpoint holds the whole model, unused buffer too
+    checkpoint.export(str(tmp_path / "unused"), str(out))
+    from safetensors.torch import load_file
+
+    plain = Unused()
+    plain.load_state_dict(load_file(out), strict=True)
+    assert plain.version.item() == 3.0
     results = harness.run(resume_and_reshard, 4, (str(tmp_path),), deadline=240)[0]
     assert results["dp=2,pp=2,microbatches=2"] == 0.0  # bit for bit
     # more than 2 replicas: DDP orders its gradient bucket by the first backward, which the
@@ -134,11 +163,14 @@ def damaged(root: str) -> dict:
     file = os.path.join(truncated, "rank-0.safetensors")
     with open(file, "r+b") as f:
         f.truncate(os.path.getsize(file) // 2)
+    lost = good + "-lost"
+    shutil.copytree(good, lost)
+    os.remove(os.path.join(lost, "rank-0.safetensors"))
     unfinished = good + "-unfinished"
     shutil.copytree(good, unfinished)
     os.remove(os.path.join(unfinished, checkpoint.COMPLETE))
-    digests = {p: _digest(p) for p in (good, truncated, unfinished)}
-    for label, path in (("truncated", truncated), ("unfinished", unfinished)):
+    digests = {p: _digest(p) for p in (good, truncated, lost, unfinished)}
+    for label, path in (("truncated", truncated), ("lost", lost), ("unfinished", unfinished)):
         with pytest.raises(ValueError) as caught:
             engine.load(path)
         errors[label] = str(caught.value)
@@ -166,6 +198,7 @@ def test_damaged_checkpoints_are_refused_and_export_gives_a_plain_file(tmp_path)
     root = str(tmp_path / "ckpt")
     errors = harness.run(damaged, 1, (root,), deadline=60)[0]
     assert "rank-0.safetensors cannot be read" in errors["truncated"] and "not fully covered" in errors["truncated"]
+    assert "rank-0.safetensors cannot be read" in errors["lost"] and "No such file" in errors["lost"]
     assert "holds no complete meshwise checkpoint" in errors["unfinished"] and "COMPLETE marker" in errors["unfinished"]
     assert "does not fit this model" in errors["other model"] and "has shape" in errors["other model"]
     assert errors["unchanged"] and errors["files unchanged"]
