@@ -285,13 +285,10 @@ def test_meshwise_run_resumes_and_restarts_after_a_killed_worker(tmp_path) -> No
     assert straight.returncode == 0, straight.stderr[-3000:]
     cut = _run(SCRIPT, str(tmp_path / "b"), str(tmp_path / "b.pt"), "0", "5")  # stops after step 5
     assert cut.returncode == 0 and not (tmp_path / "b.pt").exists(), cut.stderr[-3000:]
-    resumed = _run("--resume", SCRIPT, str(tmp_path / "b"), str(tmp_path / "b.pt"))
+    # resumed from step 4; then rank 1 is killed before step 7, and the restart resumes from step 6
+    resumed = _run("--resume", "--max-restarts", "1", SCRIPT, str(tmp_path / "b"), str(tmp_path / "b.pt"), "7")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "meshwise: resumed from" in resumed.stdout and "step 4" in resumed.stdout
-    restarted = _run("--max-restarts", "1", SCRIPT, str(tmp_path / "c"), str(tmp_path / "c.pt"), "7")
-    assert restarted.returncode == 0, restarted.stderr[-3000:]
-    assert "meshwise: resumed from" in restarted.stdout and "step 6" in restarted.stdout
-    reference = torch.load(tmp_path / "a.pt")
-    for name in ("b.pt", "c.pt"):
-        state = torch.load(tmp_path / name)
-        assert all(torch.equal(state[k], v) for k, v in reference.items()), name  # bit for bit
+    said = [line for line in resumed.stdout.splitlines() if line.startswith("meshwise: resumed from")]
+    assert len(said) == 2 and "(step 4," in said[0] and "(step 6," in said[1], resumed.stdout
+    reference, state = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
+    assert all(torch.equal(state[k], v) for k, v in reference.items())  # bit for bit
