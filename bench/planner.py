@@ -60,8 +60,9 @@ def _worker(batch: int, plans: int, steps: int, threads: int, specs: list[tuple[
             feasible = [r for r in results if r.feasible and r.plan.world_size == ctx.world_size]
             rest = feasible[plans:]
             picked = feasible[:plans] + [rest[i * len(rest) // plans] for i in range(min(plans, len(rest)))]
-            alone = next(r for r in results if r.feasible and r.plan.world_size == 1)
-            chosen = [([(str(r.plan), r.step_time) for r in picked], (str(alone.plan), alone.step_time, alone.threads))]
+            alone = next((r for r in results if r.feasible and r.plan.world_size == 1), None)
+            chosen = [([(str(r.plan), r.step_time) for r in picked],
+                       None if alone is None else (str(alone.plan), alone.step_time, alone.threads))]
         dist.broadcast_object_list(chosen, src=0)
         specs, fewer = chosen[0]  # type: ignore[misc]
     out = []
@@ -104,6 +105,9 @@ def main() -> None:
         print(f"  median |error| {statistics.median(errors):.0%} over {len(rows)} plans (target <= 20%)")
         print(f"  auto plan {auto[0]}: measured throughput {best[2] / auto[2]:.2f} of the best measured "
               f"({best[0]}) (target >= 0.9)")
+        if alone is None:
+            print("  threads against processes: no one-process plan fits")
+            continue
         spec, predicted, alone_threads = alone
         [(_, _, measured)], _ = mw.launch(_worker, 1, (args.batch, 0, args.steps, alone_threads,
                                                        [(spec, predicted)]), device="cpu")

@@ -159,7 +159,9 @@ def _plan_script(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int
         parser.error("plan SCRIPT profiles in fp32 and plans fp32; bf16 planning of a script is not available yet")
     if ns.evaluate:
         try:
-            Plan.parse(ns.evaluate)
+            if Plan.parse(ns.evaluate).precision == "bf16":
+                parser.error(f"--evaluate {ns.evaluate}: plan SCRIPT profiles in fp32 and plans fp32; bf16 planning "
+                             f"of a script is not available yet")
         except ValueError as error:
             parser.error(str(error))
     try:

@@ -156,7 +156,10 @@ class Layer:
             pts = self.points
             i = next((k for k in range(1, len(pts) - 1) if rows <= pts[k][0]), len(pts) - 1)
             (r0, t0), (r1, t1) = pts[i - 1], pts[i]
-            total = max(0.0, t0 + (t1 - t0) * (rows - r0) / (r1 - r0)) if r1 != r0 else t1
+            slope = (t1 - t0) / (r1 - r0) if r1 != r0 else 0.0
+            if rows > r1:  # beyond the largest measured size time does not fall, whatever the noise
+                slope = max(0.0, slope)
+            total = max(0.0, t0 + slope * (rows - r0))
         else:
             total = self.fixed_seconds + self.seconds * rows
         varying = max(0.0, total - self.fixed_seconds)
@@ -187,13 +190,13 @@ class Workload:
     """Measured seconds of one optimizer step over all parameters (a profile); 0: from memory bandwidth."""
     optimizer: str = "adam"
     """The optimizer whose state ``BYTES`` counts: "adam" or "sgd" (with momentum)."""
-    state_bytes: float = 0.0
-    """Measured optimizer-state bytes per parameter (a profile); 0: from ``BYTES``."""
+    state_bytes: float | None = None
+    """Measured optimizer-state bytes per parameter (a profile; 0 for plain SGD); None: from ``BYTES``."""
 
     def sizes(self, precision: str) -> tuple[float, float, float]:
         """(parameter, gradient, optimizer-state) bytes per parameter in ``precision``."""
         p, g, o = BYTES[precision, self.optimizer]
-        return (p, g, self.state_bytes) if self.state_bytes else (p, g, o)
+        return (p, g, o) if self.state_bytes is None else (p, g, self.state_bytes)
     tp_degrees: tuple[int, ...] | None = None
     """The tensor-parallel degrees that split the model (a profile: the degrees that split all
     that tp=2 splits); None: any degree that divides the heads."""
@@ -462,7 +465,8 @@ def estimate(work: Workload, plan: Plan, hw: Hardware, batch: int, *, budget: fl
         # again in backward); each unit reduce-scatters once a step
         calls = m + 1 if pp > 1 or plan.zero == 2 else 2 * m + 1
         exposed += units * calls * hw.fsdp_overhead  # mostly waiting on the slowest rank: not in ``overheads``
-    share = (dp if plan.zero else 1) * (work.params / tp / per_device[worst] if per_device[worst] else 1.0)
+    # this device's part of the optimizer's work: its parameters, and 1/dp of them under ZeRO
+    share = (dp if plan.zero else 1) * (work.params / per_device[worst] if per_device[worst] else 1.0)
     optimizer = (work.optimizer_seconds / share if work.optimizer_seconds else
                  per_device[worst] * (sum(sizes) * 2) / (hw.memory_bw * (dp if plan.zero else 1)))
     step = makespan + exposed + optimizer

@@ -57,8 +57,9 @@ def profile_model(model: torch.nn.Module, sample: Any, device: torch.device, los
     rows = data.batch_size_of(inputs)
     if not rows:
         raise ValueError("profiling needs a sample with at least one row: pass sample=(x, y)")
-    # from one row to 4x the sample: a micro-batch of a few rows costs more per row than the sample does
-    sizes = sorted({1, max(1, rows // 8), rows, 4 * rows})
+    # from 2 rows (batch norm needs 2) to 4x the sample: a micro-batch of a few rows costs more per
+    # row than the sample does
+    sizes = sorted({*(n for n in (2, rows // 8) if 2 <= n < rows), rows, 4 * rows})
 
     def resized(value: Any, n: int) -> Any:
         return data.map_tensors(lambda t: torch.cat([t] * (n // rows)) if n >= rows else t[:n], value)
@@ -66,8 +67,8 @@ def profile_model(model: torch.nn.Module, sample: Any, device: torch.device, los
     with untouched(model):
         cuts = {n: split_model(model, resized(inputs, n)) for n in sizes}
         runs = {n: measure(c.layers, c.layer_args, [x.bytes for x in c.crossings[1:]]) for n, c in cuts.items()}
-    small_cut, small, large = cuts[rows], runs[rows], runs[4 * rows]
-    split, degrees = tensor_costs(model, inputs, list(small_cut.layers), tp_upto)
+        small_cut, small, large = cuts[rows], runs[rows], runs[4 * rows]
+        split, degrees = tensor_costs(model, inputs, list(small_cut.layers), tp_upto)
     layers = []
     for i, (a, b) in enumerate(zip(small, large)):
         per_row = max(0.0, (b.ms - a.ms) / 1e3 / (3 * rows))
@@ -81,14 +82,14 @@ def profile_model(model: torch.nn.Module, sample: Any, device: torch.device, los
                                  whole_params=whole if degrees else a.params, tp_calls=calls,
                                  tp_modules=modules))
     extra: tuple[cost.Layer, ...] = ()
-    step_seconds = state_bytes = 0.0
+    step_seconds, state_bytes = 0.0, None
     if loss_fn is not None:  # the model's own code between layers and the loss: with the last stage
         whole = {n: _step_seconds(model, resized(sample, n), loss_fn, optimizer, device) for n in sizes}
         rest = {n: max(0.0, whole[n][0] - sum(x.ms for x in runs[n]) / 1e3) for n in sizes}
         per_row = max(0.0, (rest[4 * rows] - rest[rows]) / (3 * rows))
         extra = (cost.Layer(name="rest of forward, loss and backward", flops=0.0, params=0.0, act_bytes=0.0,
                             seconds=per_row, fixed_seconds=max(0.0, rest[rows] - per_row * rows),
-                            points=tuple((n, rest[n]) for n in sizes)),)
+                            points=tuple((n, rest[n]) for n in sizes), tp_share=0.0),)  # the loss and glue: whole
         step_seconds = whole[rows][1]  # the optimizer step: once a step, whatever the batch
         state_bytes = whole[rows][2]
     sent = max((c.bytes for c in small_cut.crossings[1:-1]), default=0) / rows
@@ -223,10 +224,15 @@ def fit_links(group: Any, device: torch.device, repeats: int = 5) -> dict[str, t
     }
     fits = {}
     for name, make in ops.items():
+        ok = torch.ones(1, device=device)
         try:
-            times = [_median_time(make(size), group, device, repeats) for size in SIZES]
-        except (RuntimeError, NotImplementedError):  # the backend lacks it: every rank alike
+            make(SIZES[0])()  # the backend may lack it: then every rank fails here, before sending
+        except (RuntimeError, NotImplementedError):
+            ok.zero_()
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)  # every rank skips it, or none
+        if not ok.item():
             continue
+        times = [_median_time(make(size), group, device, repeats) for size in SIZES]
         slowest = torch.tensor(times, dtype=torch.float64, device=device)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
         ts = slowest.tolist()
@@ -372,6 +378,9 @@ def rank_job(model: torch.nn.Module, sample: Any, device: torch.device, batch: i
     choices = [(world, now)]
     if device.type == "cpu":
         choices += [(p, max(1, cores() // p)) for p in range(1, world)]
+    agreed = [(now, choices)]  # rank 0's: every rank must run the same profiling rounds
+    dist.broadcast_object_list(agreed, src=0)
+    now, choices = agreed[0]
     measured, failure = _profile_together(
         lambda: profile_model(model, sample, device, loss_fn, optimizer, tp_upto=world),
         list(dict.fromkeys(t for _, t in choices)), device, world)
@@ -439,6 +448,12 @@ def auto_plan(model: torch.nn.Module, sample: Any, device: torch.device, batch: 
     return chosen.plan, predict
 
 
+def _budget(budget: float | None, device: torch.device) -> str:
+    if budget:
+        return f"{budget / 1e9:.1f} GB each"
+    return "the RAM divided among the processes" if device.type == "cpu" else "the GPU's memory"
+
+
 def answer_search(model: torch.nn.Module, sample: Any, device: torch.device, loss_fn: Any, optimizer: Any,
                   request: dict[str, Any]) -> None:
     """``meshwise plan SCRIPT``: profile here, rank the plans for ``devices`` processes of this
@@ -463,7 +478,7 @@ def answer_search(model: torch.nn.Module, sample: Any, device: torch.device, los
     if request.get("evaluate"):
         named = {part.split("=", 1)[0].strip() for part in request["evaluate"].split(",") if part.strip()}
         fixed.update({k: v for k, v in Plan.parse(request["evaluate"]).to_dict().items() if k in named})
-    budget = request.get("memory") or hardware(devices).memory
+    budget = request.get("memory")  # else each process count's own share of this host's memory
     choices = [(p, max(1, cores() // p)) for p in range(1, devices + 1)] if device.type == "cpu" else [(devices, 0)]
     results, profiles = rank_processes(
         lambda _: profile_model(model, sample, device, loss_fn, optimizer, tp_upto=devices), hardware, choices, batch,
@@ -476,8 +491,8 @@ def answer_search(model: torch.nn.Module, sample: Any, device: torch.device, los
         print(dumps(results, int(request["top"])))
     else:
         print(f"{work.name} ({len(work.layers)} layers profiled on {device.type}, {work.params / 1e6:.2f}M parameters); "
-              f"{where}, links {preset.name}, budget {budget / 1e9:.1f} GB each; global batch {batch}")
-        print(table(results, int(request["top"]), budget))
+              f"{where}, links {preset.name}, budget {_budget(budget, device)}; global batch {batch}")
+        print(table(results, int(request["top"]), budget or hardware(devices).memory))
         best = next((r for r in results if r.feasible), None)
         if best is not None:
             threads = f"OMP_NUM_THREADS={best.threads} " if best.threads else ""

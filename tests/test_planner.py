@@ -52,6 +52,24 @@ def test_the_optimizer_sets_the_state_bytes_and_a_profile_measures_them() -> Non
         assert measured.state_bytes == pytest.approx(per_param, rel=0.05)
 
 
+def test_profiling_leaves_the_model_alone_and_never_predicts_time_falling() -> None:
+    from meshwise.profile import profile_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sample = (torch.randn(8, 8), torch.zeros(8, dtype=torch.long))
+    work = profile_model(model, sample, torch.device("cpu"), torch.nn.functional.cross_entropy,
+                         lambda p: torch.optim.SGD(p, lr=0.1))  # batch norm: no 1-row size
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # running statistics too
+    assert min(n for n, _ in work.layers[0].points) == 2
+    assert work.extra_last[0].tp_share == 0.0  # the loss and the model's glue code are not split
+    assert work.state_bytes == 0.0  # plain SGD keeps no state
+    noisy = Layer("l", flops=0.0, params=0.0, act_bytes=0.0, points=((8, 2e-3), (32, 1.9e-3)))
+    assert noisy.time(1024) >= 1.9e-3
+
+
 def test_each_collective_is_fitted_on_the_jobs_own_links() -> None:
     import harness
 
