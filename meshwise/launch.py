@@ -259,8 +259,12 @@ def record_failure(exc: BaseException, skip: Callable[[str], bool] = lambda file
             "extraInfo": {"py_callstack": trace, "timestamp": str(int(time.time())), "meshwise_time": time.time()},
         }
     }
-    with open(path, "w") as f:
+    # whole or not at all: the agent reads the file as soon as it exists, and an empty one made it
+    # crash (JSONDecodeError) while a dying rank was still writing
+    partial = f"{path}.partial-{os.getpid()}"
+    with open(partial, "w") as f:
         json.dump(data, f)
+    os.replace(partial, path)
 
 
 def run_command(argv: list[str], job: Job, *, plan: Plan | str | None = None, device: str | None = None,
