@@ -98,10 +98,10 @@ def test_a_failing_rank_stops_the_job_reports_once_and_leaves_nothing(tmp_path) 
 def test_a_stalled_rank_fails_the_job_within_the_timeout_and_is_named() -> None:
     stall = os.path.join(HERE, "scripts", "stall.py")  # rank 1 sleeps for an hour before step 3
     begin = time.monotonic()
-    code, out, err = finish(start(f"{BIN}/meshwise", "run", "--nproc", "2", "--timeout", "5", stall), 60)
+    code, out, err = finish(start(f"{BIN}/meshwise", "run", "--nproc", "2", "--timeout", "3", stall), 60)
     elapsed = time.monotonic() - begin
     assert code != 0 and elapsed < 30, (code, elapsed)
-    assert ("rank 0: step 3 failed in the gradient all-reduce (plan dp=2), with the collective timeout at 5 s: "
+    assert ("rank 0: step 3 failed in the gradient all-reduce (plan dp=2), with the collective timeout at 3 s: "
             "rank(s) [1] had not begun step 3") in err, err[-3000:]
     time.sleep(0.5)
     assert not _processes_with(stall), "worker processes were left running"
