@@ -38,7 +38,8 @@ PLANS = {
     # one-dimensional plans are compared with one process in test_dp, test_pp, test_tp and test_zero
     2: ["tp=2", "dp=2,zero=3"],
     # dp=2,pp=2 and dp=2,tp=2 without ZeRO: tests/test_pp.py and tests/test_tp.py
-    4: ["pp=2,tp=2", "dp=2,pp=2,zero=1", "dp=2,pp=2,zero=2",
+    # dp=2,pp=2,zero=2: tests/test_hf.py (world 4)
+    4: ["pp=2,tp=2", "dp=2,pp=2,zero=1",
         "dp=2,pp=2,zero=3,schedule=interleaved", "dp=2,tp=2,zero=1", "dp=2,tp=2,zero=2", "dp=2,tp=2,zero=3",
         "pp=2,tp=2,zero=1,schedule=gpipe"],
     8: ["dp=2,pp=2,tp=2,zero=3,schedule=interleaved"],
