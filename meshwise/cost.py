@@ -267,13 +267,14 @@ class Estimate:
 BYTES = {("bf16", "adam"): (2, 2, 12), ("fp32", "adam"): (4, 4, 8), ("bf16", "sgd"): (2, 2, 8), ("fp32", "sgd"): (4, 4, 4)}
 """(parameter, gradient, optimizer-state) bytes per parameter, by precision and optimizer: Adam
 keeps two moments, SGD one momentum buffer; mixed precision adds fp32 master weights."""
-OPTIMIZERS = ("adam", "sgd")
 
 
 def model_state_bytes(params: float, zero: int, dp: int, precision: str = "bf16",
-                      optimizer: str = "adam") -> tuple[float, float, float]:
-    """(parameters, gradients, optimizer) bytes per device for ``params`` parameters under ZeRO."""
-    p, g, o = (params * b for b in BYTES[precision, optimizer])
+                      optimizer: str = "adam", sizes: tuple[float, float, float] | None = None
+                      ) -> tuple[float, float, float]:
+    """(parameters, gradients, optimizer) bytes per device for ``params`` parameters under ZeRO
+    (``sizes``: bytes per parameter, instead of ``BYTES``' for the precision and optimizer)."""
+    p, g, o = (params * b for b in (sizes or BYTES[precision, optimizer]))
     if zero >= 1:
         o /= dp
     if zero >= 2:
@@ -477,10 +478,7 @@ def estimate(work: Workload, plan: Plan, hw: Hardware, batch: int, *, budget: fl
         step, makespan, compute_time, exposed, optimizer = (x * factor for x in (step, makespan, compute_time,
                                                                                 exposed, optimizer))
 
-    p, g, o = (per_device[worst] * x for x in sizes)
-    o /= dp if plan.zero >= 1 else 1
-    g /= dp if plan.zero >= 2 else 1
-    p /= dp if plan.zero >= 3 else 1
+    p, g, o = model_state_bytes(per_device[worst], plan.zero, dp, sizes=sizes)
     if pp > 1 and plan.zero >= 2:  # a pipeline stage holds its parameters and gradients whole during a step
         p, g = (per_device[worst] * x for x in sizes[:2])
     act = max(peaks)

@@ -194,9 +194,6 @@ def _step_seconds(model: torch.nn.Module, sample: Any, loss_fn: Any, optimizer: 
     return statistics.median(passes), statistics.median(steps), optimizer_bytes(opt) / count
 
 
-COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
-
-
 def fit_links(group: Any, device: torch.device, repeats: int = 5) -> dict[str, tuple[float, float]]:
     """(latency s per step, bandwidth bytes/s) of each collective on ``group``, from the slowest
     rank: ring all-reduce, all-gather and reduce-scatter, and one send/receive (a pipeline's).
