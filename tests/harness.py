@@ -6,6 +6,10 @@
   loopback port and the ranks join it the way torch's elastic agent's workers do
   (``TORCHELASTIC_USE_AGENT_STORE``), so ``init_process_group("env://")`` and
   ``meshwise.parallelize`` work unchanged.
+* Ranks are forked from a forkserver that imported torch once (``_context``), not
+  spawned: each spawned rank spent about 2 s of CPU importing torch, most of a small
+  test's time on two cores. The forkserver is single-threaded and has run nothing but
+  imports, so forking it is safe.
 * One torch thread per rank (OMP_NUM_THREADS=1 before torch is imported).
 * A rank that raises fails the test with its traceback; the other ranks are killed.
 * At the deadline every rank still running has its Python stack dumped (faulthandler
@@ -40,7 +44,7 @@ def run(fn: Callable[..., Any], world: int, args: tuple[Any, ...] = (), *, deadl
     from torch.distributed import TCPStore
 
     store = TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     with tempfile.TemporaryDirectory(prefix="meshwise-test-") as tmp:
         base_env = {
             "MASTER_ADDR": "127.0.0.1",
@@ -66,6 +70,22 @@ def run(fn: Callable[..., Any], world: int, args: tuple[Any, ...] = (), *, deadl
                     proc.kill()
                 proc.join(5)
             del store
+
+
+# what a rank imports anyway, some of it lazily and slowly (torch._dynamo pulls in sympy
+# when the first optimizer is made): imported once in the server instead of once per rank
+_PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "torch.distributed.tensor", "torch.distributed.fsdp",
+            "torch.distributed.pipelining", "torch.distributed.checkpoint", "safetensors.torch", "numpy.random",
+            "meshwise", "meshwise.pipeline", "meshwise.zero", "meshwise.split", "meshwise.trace",
+            # test_hf's models (3 s per rank); a module that is not installed is skipped
+            "transformers.models.gpt2.modeling_gpt2", "transformers.models.llama.modeling_llama",
+            "transformers.models.bert.modeling_bert"]
+
+
+def _context() -> Any:
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)  # read when the server starts: at the first run
+    return ctx
 
 
 def _wait(procs: list[Any], tmp: str, deadline: float) -> None:
