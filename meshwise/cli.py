@@ -1,4 +1,5 @@
-"""The ``meshwise`` command: ``run`` a script on many workers, ``demo`` one that teaches.
+"""The ``meshwise`` command: ``run`` a script on many workers, ``demo`` one that teaches,
+``verify`` that a plan trains like one process, ``report`` on a run, ``plan`` and ``export``.
 
 A bad argument or plan is one line on stderr and exit code 2, before any worker starts.
 """
@@ -31,6 +32,19 @@ def _add_launch_options(parser: argparse.ArgumentParser, *, nproc_default: int |
                         help="cpu forces the CPU; auto (default) uses one GPU per worker where the host has enough")
 
 
+def _add_output_options(parser: argparse.ArgumentParser, *, run_dir: bool = True) -> None:
+    talk = parser.add_mutually_exclusive_group()
+    talk.add_argument("--quiet", action="store_true", help="no progress bars or meshwise notes; other ranks' "
+                      "output only when it is a warning or an error (stderr)")
+    talk.add_argument("--verbose", action="store_true", help="every rank's output, marked with its rank, and the "
+                      "launcher's own log")
+    if run_dir:
+        parser.add_argument("--run-dir", metavar="DIR", help="where the run is recorded: plan, host, metrics.jsonl "
+                            "(default runs/NAME-TIMESTAMP-XXXX); see meshwise report")
+        parser.add_argument("--tensorboard", action="store_true", help="also write the metrics as TensorBoard event "
+                            "files in RUN_DIR/tensorboard (needs the tensorboard package)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="meshwise", description="Split PyTorch training and inference across processes and devices.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -47,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="parallelize(checkpoint=DIR) loads the latest complete "
                      "checkpoint in DIR (as it does on a restart after a failure)")
     run.add_argument("--trace", metavar="DIR", help="record the pipeline timeline: DIR/trace.json (Chrome trace), "
-                     "DIR/trace.png (Gantt chart), and the bubble fraction")
+                     "DIR/trace.png (Gantt chart), and the bubble fraction; also copied to the run directory")
+    _add_output_options(run)
+    run.add_argument("--no-run-dir", action="store_true", help="record nothing (no run directory)")
     run.add_argument("script", metavar="SCRIPT", help="a Python script, or -m MODULE (a module run as python -m)")
     run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments for the script")
 
@@ -61,6 +77,29 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--trace", metavar="DIR", help="gpt: write the pipeline timeline (trace.json, trace.png) to DIR")
     demo.add_argument("--batch-size", type=int, default=None, help="global batch (default 64)")
     demo.add_argument("--out", help="run directory (default runs/demo-TIMESTAMP-XXXX)")
+    _add_output_options(demo, run_dir=False)
+    demo.add_argument("--tensorboard", action="store_true", help="also write the metrics as TensorBoard event files "
+                      "in OUT/tensorboard (needs the tensorboard package)")
+    verify = sub.add_parser("verify", help="check that a plan trains a script exactly like one process",
+                            allow_abbrev=False,
+                            description="Run SCRIPT twice with the same seeds, in one process and under --plan, for "
+                                        "--steps steps; compare the losses step by step and the final parameters "
+                                        "by name. Exit code 0: PASS, 1: FAIL (with the likely cause), 2: bad input.")
+    verify.add_argument("--plan", required=True, help="the plan to check, e.g. dp=2,pp=2,zero=1")
+    verify.add_argument("--nproc", type=int, default=None, help="workers (default: the plan's world size)")
+    verify.add_argument("--steps", type=int, default=10, help="training steps to compare (default 10)")
+    verify.add_argument("--tolerance", type=float, default=None,
+                        help="largest relative difference allowed (default by precision: fp32 1e-4, bf16 5e-2)")
+    verify.add_argument("--device", choices=DEVICE_CHOICES, default=None, help="as for meshwise run")
+    verify.add_argument("--keep", metavar="DIR", help="keep both runs' records (losses, states, logs) in DIR")
+    verify.add_argument("script", metavar="SCRIPT", help="a training script that calls meshwise.parallelize; its own "
+                        "arguments follow --: meshwise verify train.py --plan dp=2 -- --lr 0.1")
+    report = sub.add_parser("report", help="write an HTML report of a run directory",
+                            description="Write RUN_DIR/report.html (self-contained, with PNG charts beside it): loss, "
+                                        "throughput, step time, memory per rank, the plan's mesh, predicted against "
+                                        "measured, and the pipeline timeline.")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by meshwise run or meshwise demo")
+    report.add_argument("--out", help="the HTML file (default RUN_DIR/report.html)")
     export = sub.add_parser("export", help="write a checkpoint's model as one safetensors file",
                             description="Write the model of a meshwise checkpoint (a step directory, or a checkpoint "
                                         "directory: its latest complete one) as one safetensors file, loadable "
@@ -228,8 +267,7 @@ def _job(parser: argparse.ArgumentParser, ns: argparse.Namespace, default_nproc:
 
 
 _RUN_VALUE_OPTIONS = {"--nproc", "--plan", "--device", "--nnodes", "--node-rank", "--rdzv-endpoint", "--max-restarts",
-                      "--timeout",
-                      "--trace", "--model"}
+                      "--timeout", "--trace", "--model", "--run-dir"}
 
 
 def _module_as_script(argv: list[str]) -> list[str]:
@@ -253,9 +291,70 @@ def _module_as_script(argv: list[str]) -> list[str]:
     return argv
 
 
+def _talk(ns: argparse.Namespace) -> None:
+    """--quiet, --verbose and --tensorboard, for the workers (meshwise.observe reads them)."""
+    from meshwise.observe import QUIET_ENV, TENSORBOARD_ENV, VERBOSE_ENV
+
+    for flag, name in ((ns.quiet, QUIET_ENV), (ns.verbose, VERBOSE_ENV), (ns.tensorboard, TENSORBOARD_ENV)):
+        if flag:
+            os.environ[name] = "1"
+    if ns.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            sys.exit("meshwise: --tensorboard needs the tensorboard package: pip install 'meshwise[tensorboard]'")
+
+
+def _finish_run_dir(ns: argparse.Namespace) -> None:
+    """Copy the merged pipeline timeline into the run directory; say where the run is."""
+    import shutil
+
+    if ns.trace:
+        for name in ("trace.json", "trace.png"):
+            source = os.path.join(ns.trace, name)
+            if os.path.exists(source) and os.path.abspath(ns.trace) != ns.run_dir:
+                shutil.copy(source, os.path.join(ns.run_dir, name))
+    if not ns.quiet and os.path.exists(os.path.join(ns.run_dir, "metrics.jsonl")):
+        print(f"meshwise: run recorded in {os.path.relpath(ns.run_dir)}; meshwise report {os.path.relpath(ns.run_dir)} "
+              f"writes its HTML report", file=sys.stderr)
+
+
+def _verify(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
+    from meshwise.verify import verify
+
+    try:
+        plan = Plan.parse(ns.plan) if ns.plan.strip() != "auto" else None
+    except ValueError as error:
+        parser.error(str(error))
+    nproc = ns.nproc if ns.nproc is not None else (plan.world_size if plan else None)
+    if nproc is None:
+        parser.error("--plan auto needs --nproc N (the processes to plan for)")
+    if nproc < 2 and (plan is None or plan.world_size < 2):
+        parser.error(f"--plan {ns.plan} runs in one process, which is the reference: give a plan of 2 or more "
+                     f"processes, e.g. --plan dp=2")
+    if plan is not None and plan.world_size != nproc:
+        parser.error(f"plan {plan} needs {plan.world_size} processes but --nproc is {nproc}; make them equal")
+    if ns.steps < 1:
+        parser.error(f"--steps {ns.steps} is invalid: compare at least 1 step")
+    if ns.tolerance is not None and not ns.tolerance > 0:
+        parser.error(f"--tolerance {ns.tolerance:g} is invalid: give a relative difference > 0, e.g. 1e-4")
+    if not os.path.isfile(ns.script):
+        parser.error(f"script {ns.script!r} not found")
+    passed, text = verify([ns.script, *ns.args], str(plan) if plan else "auto", nproc=nproc, steps=ns.steps,
+                          tolerance=ns.tolerance, device=ns.device, keep=ns.keep)
+    print(text)
+    return 0 if passed else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    ns = parser.parse_args(_module_as_script(list(sys.argv[1:] if argv is None else argv)))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script_args: list[str] = []
+    if argv[:1] == ["verify"] and "--" in argv:  # verify's options may follow SCRIPT; the script's follow --
+        argv, script_args = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    ns = parser.parse_args(_module_as_script(argv))
+    if ns.command == "verify":
+        ns.args = script_args
     if ns.command == "run":
         job, plan = _job(parser, ns, 1, nnodes=ns.nnodes, node_rank=ns.node_rank,
                          rdzv_endpoint=ns.rdzv_endpoint, max_restarts=ns.max_restarts)
@@ -279,7 +378,30 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as error:
                 parser.error(f"--timeout {ns.timeout:g}: {error}")
             os.environ[TIMEOUT_ENV] = str(ns.timeout)
-        return run_command(command, job, plan=plan, device=ns.device, trace=ns.trace)
+        _talk(ns)
+        if not ns.no_run_dir:
+            from meshwise.observe import PROGRESS_ENV, RUN_DIR_ENV, default_run_dir
+
+            ns.run_dir = os.path.abspath(ns.run_dir or default_run_dir("run"))
+            os.environ[RUN_DIR_ENV] = ns.run_dir
+            os.environ[PROGRESS_ENV] = "1"
+        elif ns.run_dir or ns.tensorboard:
+            parser.error("--no-run-dir records nothing: leave out --run-dir and --tensorboard")
+        code = run_command(command, job, plan=plan, device=ns.device, trace=ns.trace)
+        if ns.run_dir and os.path.isdir(ns.run_dir):
+            _finish_run_dir(ns)
+        return code
+    if ns.command == "verify":
+        return _verify(parser, ns)
+    if ns.command == "report":
+        from meshwise import report
+
+        try:
+            path = report.write(ns.run_dir, ns.out)
+        except (ValueError, OSError) as error:
+            parser.error(str(error))
+        print(f"wrote {path}")
+        return 0
     if ns.command == "demo":
         job, plan = _job(parser, ns, 2)
         for name in ("epochs", "batch_size", "steps"):
@@ -301,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             command += ["--batch-size", str(ns.batch_size)]
         if ns.out:
             command += ["--out", ns.out]
+        _talk(ns)
         return run_command(command, job, plan=plan, device=ns.device)
     if ns.command == "plan":
         return _plan_command(parser, ns)

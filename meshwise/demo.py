@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import meshwise as mw
-from meshwise.observe import Progress, RunDir, default_run_dir
+from meshwise.observe import Progress, RunDir, default_run_dir, quiet
 
 
 def digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="run directory (default runs/demo-TIMESTAMP-XXXX)")
     args = parser.parse_args(argv)
     wall_start = time.perf_counter()
+    out = args.out or default_run_dir("demo")
 
     torch.manual_seed(0)
     x_train, y_train, x_test, y_test = digits()
@@ -59,26 +60,22 @@ def main(argv: list[str] | None = None) -> dict:
         loss_fn=F.cross_entropy,
         optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr),
         sample=(x_train[:2], y_train[:2]),
+        run_dir=out,  # metrics.jsonl: loss, throughput, step time and memory of every step
     )
-    run = RunDir(args.out or default_run_dir("demo"), enabled=engine.is_main)
+    run = RunDir(out, enabled=engine.is_main)
     if engine.is_main:
         print(f"meshwise demo: plan {engine.plan} on {engine.world_size} process(es), {engine.device}; "
               f"{len(x_train)} training and {len(x_test)} held-out digits")
 
     steps_per_epoch = -(-len(x_train) // args.batch_size)
-    bar = Progress(args.epochs * steps_per_epoch, enabled=engine.is_main, desc="training")
+    bar = Progress(args.epochs * steps_per_epoch, enabled=engine.is_main and not quiet(), desc="training")
     start = time.perf_counter()
     seen = 0
     for epoch in range(args.epochs):
         batches = engine.loader((x_train, y_train), args.batch_size, shuffle=True, seed=0, epoch=epoch)
         for i, batch in enumerate(batches):
-            t0 = time.perf_counter()
             loss = engine.step(batch)
-            now = time.perf_counter()
-            global_batch = min(args.batch_size, len(x_train) - i * args.batch_size)
-            seen += global_batch
-            run.log(step=engine.steps, epoch=epoch, loss=loss, samples_per_s=global_batch / (now - t0),
-                    elapsed_s=now - start)
+            seen += min(args.batch_size, len(x_train) - i * args.batch_size)
             bar.update(loss=f"{loss:.4f}")
         bar.write(f"epoch {epoch + 1:3d}/{args.epochs}  loss {loss:.4f}")
     train_s = time.perf_counter() - start
@@ -102,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     run.close()
     if engine.is_main:
         print(f"held-out accuracy {accuracy:.4f}   {seen / train_s:,.0f} samples/s   training {train_s:.1f} s")
-        print(f"run directory: {run.path} (metrics.jsonl, summary.json)")
+        print(f"run directory: {run.path} (metrics.jsonl, summary.json); meshwise report {run.path} writes its report")
     return summary
 
 

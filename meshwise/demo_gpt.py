@@ -12,13 +12,14 @@ trained model writes.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
 
 import meshwise as mw
 from meshwise.gpt import GPT, GPTConfig, generate, lm_loss
-from meshwise.observe import Progress, RunDir, default_run_dir
+from meshwise.observe import Progress, RunDir, default_run_dir, quiet
 
 VOCAB = [chr(c) for c in range(32, 127)] + ["\n"]  # printable ASCII and newline: 96 characters
 
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--trace", default=None, help="write the pipeline timeline (trace.json, trace.png) here")
     parser.add_argument("--out", default=None, help="run directory (default runs/gpt-TIMESTAMP-XXXX)")
     args = parser.parse_args(argv)
+    out = args.out or default_run_dir("gpt")
 
     torch.manual_seed(0)
     cfg = GPTConfig(vocab=len(VOCAB), context=64, layers=4, hidden=64, heads=4)
@@ -67,25 +69,23 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01),
         sample=(x_train[: args.batch_size], y_train[: args.batch_size]),
         trace=args.trace is not None,
+        run_dir=out,  # metrics.jsonl: loss, throughput, step time and memory of every step
     )
-    run = RunDir(args.out or default_run_dir("gpt"), enabled=engine.is_main)
+    run = RunDir(out, enabled=engine.is_main)
     if engine.is_main:
         print(f"meshwise GPT demo: plan {engine.plan} on {engine.world_size} process(es), {engine.device}; "
               f"{sum(p.numel() for p in engine.model.parameters()):,} parameters; "
               f"{len(x_train):,} windows of {cfg.context} characters from pydoc_data")
 
-    bar = Progress(args.steps, enabled=engine.is_main, desc="training")
+    bar = Progress(args.steps, enabled=engine.is_main and not quiet(), desc="training")
     start = time.perf_counter()
     step, epoch, loss = 0, 0, float("nan")
     first = None
     while step < args.steps:
         for batch in engine.loader((x_train, y_train), args.batch_size, seed=0, epoch=epoch, drop_last=True):
-            t0 = time.perf_counter()
             loss = engine.step(batch)
-            now = time.perf_counter()
             first = loss if first is None else first
             step += 1
-            run.log(step=step, loss=loss, tokens_per_s=args.batch_size * cfg.context / (now - t0), elapsed_s=now - start)
             bar.update(loss=f"{loss:.3f}")
             if step % 50 == 0 or step == 1:
                 bar.write(f"step {step:4d}/{args.steps}  loss {loss:.3f}")
@@ -111,12 +111,17 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"loss {first:.3f} -> {loss:.3f} in {step} steps ({train_s:.1f} s, "
               f"{summary['tokens_per_s']:,.0f} tokens/s); held-out loss {held_loss:.3f}")
         if figures is not None:
+            import shutil
+
             from meshwise.trace import summary_line
 
             summary["bubble"] = {k: figures[k] for k in ("measured", "theoretical")}
             print(summary_line(figures))
+            for name in ("json", "png"):  # the report shows the timeline from the run directory
+                if os.path.abspath(os.path.dirname(figures[name])) != os.path.abspath(run.path):
+                    shutil.copy(figures[name], run.path)
         print("sample:\n" + text)
-        print(f"run directory: {run.path} (metrics.jsonl, summary.json)")
+        print(f"run directory: {run.path} (metrics.jsonl, summary.json); meshwise report {run.path} writes its report")
     run.summary(**summary)
     run.close()
     return summary

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from meshwise import data, memory
+from meshwise import data, memory, observe
 from meshwise import dist as mwdist
 from meshwise.plan import Plan, resolve_plan
 
@@ -51,6 +51,8 @@ def parallelize(
     keep: int = 3,
     resume: bool | None = None,
     timeout: float | None = None,
+    run_dir: str | None = None,
+    tensorboard: bool | None = None,
 ) -> Engine:
     """Wrap a single-device ``model`` for training and inference under ``plan``.
 
@@ -77,6 +79,10 @@ def parallelize(
 
     ``timeout``: seconds a collective may wait for the other ranks (default ``--timeout``,
     else 600); past it the step fails, naming the rank, the step and the ranks behind.
+
+    ``run_dir`` (default: the directory ``meshwise run`` made) records the run: the plan,
+    the host, and per step the loss, throughput, step time and memory (docs/report.md);
+    ``tensorboard=True`` (``--tensorboard``) also writes them as TensorBoard event files.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"parallelize expects a torch.nn.Module, got {type(model).__name__}")
@@ -88,6 +94,9 @@ def parallelize(
 
         answer_search(model, sample, ctx.device, loss_fn, optimizer, json.loads(os.environ["MESHWISE_SEARCH"]))
     spec = plan if plan is not None else os.environ.get(mwdist.PLAN_ENV) or None
+    verifying = os.environ.get(VERIFY_ENV)
+    if verifying:  # meshwise verify: each of its runs sets the plan, whatever the script passes
+        spec = os.environ.get(mwdist.PLAN_ENV) or None
     predicted = None
     if isinstance(spec, str) and spec.strip() == "auto":
         if sample is None:
@@ -115,13 +124,28 @@ def parallelize(
         if found is not None:
             meta = engine.load(found)
             if engine.is_main:
-                print(f"meshwise: resumed from {found} (step {meta['step']}, saved with plan {meta['plan']})",
-                      flush=True)
+                observe.note(f"meshwise: resumed from {found} (step {meta['step']}, saved with plan {meta['plan']})")
     if predicted is not None:
         engine._watch(predicted)
+    run_dir = run_dir if run_dir is not None else os.environ.get(observe.RUN_DIR_ENV) or None
+    if run_dir and not verifying:
+        board = tensorboard if tensorboard is not None else os.environ.get(observe.TENSORBOARD_ENV) == "1"
+        engine.run_record = observe.Recorder(engine, run_dir, tensorboard=board,
+                                           progress=os.environ.get(observe.PROGRESS_ENV) == "1",
+                                           predicted=getattr(predicted, "facts", None))
+        engine.step = engine.run_record.wrap(engine.step)  # type: ignore[method-assign]
+    elif tensorboard:
+        raise ValueError("tensorboard=True writes into the run directory: pass run_dir=DIR (meshwise run makes one)")
+    if verifying:
+        from meshwise.verify import Probe
+
+        engine.step = Probe(engine, verifying).wrap(engine.step)  # type: ignore[method-assign]
     engine._guard(mwdist.collective_timeout(timeout))
     return engine
 
+
+VERIFY_ENV = "MESHWISE_VERIFY"
+"""Set by ``meshwise verify`` for its runs (see meshwise.verify)."""
 
 RESUME_ENV = "MESHWISE_RESUME"
 """Set to 1 by ``meshwise run --resume``: ``parallelize`` loads the latest checkpoint."""
@@ -201,8 +225,8 @@ class Engine:
                 expected = predicted(usual)
                 judged = (f"predicted {expected * 1e3:.1f} ms ({measured / expected - 1:+.0%})"
                           if math.isfinite(expected) else "no prediction for that batch (the plan cannot run it)")
-                print(f"meshwise: plan {self.plan}: measured step {measured * 1e3:.1f} ms (median of steps "
-                      f"{AUTO_WARMUP_STEPS + 1} to {AUTO_WARMUP_STEPS + AUTO_CHECK_STEPS}, batch {usual}), {judged}", flush=True)
+                observe.note(f"meshwise: plan {self.plan}: measured step {measured * 1e3:.1f} ms (median of steps "
+                             f"{AUTO_WARMUP_STEPS + 1} to {AUTO_WARMUP_STEPS + AUTO_CHECK_STEPS}, batch {usual}), {judged}")
             return loss
 
         self.step = timed  # type: ignore[method-assign]

@@ -24,14 +24,15 @@ class RunDir:
     def __init__(self, path: str, *, enabled: bool = True) -> None:
         self.path = os.path.abspath(path)
         self.enabled = enabled
-        self._metrics = None
+        self._metrics: Any = None
         if enabled:
             os.makedirs(self.path, exist_ok=True)
-            self._metrics = open(os.path.join(self.path, "metrics.jsonl"), "a", buffering=1)
 
     def log(self, **record: Any) -> None:
         """Append one metrics record (a line of JSON)."""
-        if self._metrics is not None:
+        if self.enabled:
+            if self._metrics is None:
+                self._metrics = open(os.path.join(self.path, "metrics.jsonl"), "a", buffering=1)
             self._metrics.write(json.dumps(record) + "\n")
 
     def summary(self, **summary: Any) -> None:
@@ -85,3 +86,209 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+RUN_DIR_ENV = "MESHWISE_RUN_DIR"
+"""The run directory ``meshwise run`` made for this job; every engine records into it."""
+QUIET_ENV, VERBOSE_ENV = "MESHWISE_QUIET", "MESHWISE_VERBOSE"
+"""Set to 1 by ``--quiet`` (no progress bars, no meshwise notes) and ``--verbose``."""
+TENSORBOARD_ENV = "MESHWISE_TENSORBOARD"
+"""Set to 1 by ``--tensorboard``: metrics also go to RUN_DIR/tensorboard as event files."""
+PROGRESS_ENV = "MESHWISE_PROGRESS"
+"""Set to 1 by ``meshwise run``: rank 0 shows a bar of training steps (demos have their own)."""
+
+
+def quiet() -> bool:
+    return os.environ.get(QUIET_ENV) == "1"
+
+
+def note(text: str) -> None:
+    """A meshwise note on stdout (plans chosen, resumes, measurements); silent under --quiet."""
+    if not quiet():
+        print(text, flush=True)
+
+
+def host_facts() -> dict[str, Any]:
+    """This host and its devices, for a run's record."""
+    import platform
+    import socket
+
+    import torch
+
+    try:
+        from importlib.metadata import version
+
+        ours = version("meshwise")
+    except Exception:  # noqa: BLE001  (run from a source tree without installing)
+        ours = "unknown"
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {"hostname": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "meshwise": ours, "cpus": len(os.sched_getaffinity(0)),
+            "threads_per_process": torch.get_num_threads(), "gpus": gpus}
+
+
+def _memory_mb(device: Any) -> float:
+    """Peak CUDA memory allocated since the last call (GPU), else this process's resident memory."""
+    import torch
+
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak / 2**20
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class Recorder:
+    """Records an engine's steps into a run directory (see docs/report.md for the format).
+
+    Rank 0 writes ``run.json`` (plan, mesh, stages, host, prediction) and ``metrics.jsonl``
+    (loss, throughput, step time, memory per step); every rank writes ``rank-R.jsonl`` (its
+    step time and memory). With ``tensorboard`` rank 0 also writes the metrics as TensorBoard
+    event files; with ``progress`` it shows a bar of steps on stderr.
+    """
+
+    def __init__(self, engine: Any, path: str, *, tensorboard: bool = False, progress: bool = False,
+                 predicted: dict[str, Any] | None = None) -> None:
+        self.engine, self.path = engine, os.path.abspath(path)
+        self.main = engine.is_main
+        self.start = time.perf_counter()
+        os.makedirs(self.path, exist_ok=True)
+        self._rank_file = open(os.path.join(self.path, f"rank-{engine.rank}.jsonl"), "a", buffering=1)
+        self._metrics = self._board = self._bar = None
+        if self.main:
+            self._write_json("run.json", self._facts(predicted))
+            self._metrics = open(os.path.join(self.path, "metrics.jsonl"), "a", buffering=1)
+            if tensorboard:
+                self._board = _tensorboard(os.path.join(self.path, "tensorboard"))
+            if progress and not quiet():
+                from tqdm import tqdm
+
+                self._bar = tqdm(desc="training", unit="step", file=sys.stderr, dynamic_ncols=True, leave=False,
+                                 disable=None)
+
+    def wrap(self, step: Any) -> Any:
+        from meshwise import data
+
+        def recorded(batch: Any) -> float:
+            t0 = time.perf_counter()
+            loss = step(batch)
+            now = time.perf_counter()
+            rows = data.global_size(batch) or data.batch_size_of(batch) * self.engine.dp_size
+            first = data.first_tensor(data.unpack(batch)[0])
+            tokens = rows * first.shape[1] if first is not None and first.dim() >= 2 and not (
+                first.is_floating_point() or first.is_complex()) else None
+            self._record(loss, rows, tokens, now - t0, now, data.position(batch))
+            return loss
+
+        return recorded
+
+    def _record(self, loss: float, rows: int, tokens: int | None, seconds: float, now: float,
+                position: tuple[int, int, int] | None) -> None:
+        from meshwise import memory
+
+        engine = self.engine
+        state = (memory.param_bytes(engine.model) + engine._grad_bytes + memory.optimizer_bytes(engine.optimizer)) / 2**20
+        mine = {"step": engine.steps, "step_s": seconds, "memory_mb": _memory_mb(engine.device), "state_mb": state}
+        self._rank_file.write(json.dumps(mine) + "\n")
+        if not self.main:
+            return
+        record = {"step": engine.steps, "time_s": now - self.start, "loss": loss, "rows": rows, "tokens": tokens,
+                  "step_s": seconds, "samples_per_s": rows / seconds,
+                  "tokens_per_s": tokens / seconds if tokens else None,
+                  "memory_mb": mine["memory_mb"], "state_mb": state}
+        self._metrics.write(json.dumps(record) + "\n")  # type: ignore[union-attr]
+        if self._board is not None:
+            for key in ("loss", "samples_per_s", "tokens_per_s", "step_s", "memory_mb", "state_mb"):
+                if record[key] is not None:
+                    self._board.add_scalar(key, record[key], engine.steps)
+        if self._bar is not None:
+            if position is not None:
+                self._bar.total, self._bar.n = position[2], position[1]
+                self._bar.set_description(f"epoch {position[0]}", refresh=False)
+            else:
+                self._bar.n += 1
+            self._bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+            self._bar.refresh()
+
+    def _facts(self, predicted: dict[str, Any] | None) -> dict[str, Any]:
+        engine, plan = self.engine, self.engine.plan
+        stages = None
+        part = getattr(engine, "partition", None)
+        if part is not None:
+            stages = [{"stage": s, "pp_rank": s % plan.pp, "layers": [x.name for x in part.stage_layers(s)],
+                       "params": sum(x.params for x in part.stage_layers(s)), "ms": part.stage_ms(s)}
+                      for s in range(len(part.bounds))]
+        split = getattr(engine, "tensor_plan", None)
+        tensor = ({"split": len(split.sharded), "modules": len(getattr(split, "decisions", split.sharded))}
+                  if split is not None else None)
+        return {"command": _command(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "plan": str(plan), "world_size": engine.world_size, "mesh": plan.resolved().to_dict(),
+                "layout": "rank = (dp_rank * pp + pp_rank) * tp + tp_rank", "stages": stages, "tensor": tensor,
+                "host": {**host_facts(), "device": engine.device.type}, "predicted": predicted}
+
+    def _write_json(self, name: str, value: Any) -> None:
+        final = os.path.join(self.path, name)
+        with open(final + ".tmp", "w") as f:
+            json.dump(value, f, indent=2)
+            f.write("\n")
+        os.replace(final + ".tmp", final)
+
+    def close(self) -> None:
+        for handle in (self._rank_file, self._metrics, self._board, self._bar):
+            if handle is not None:
+                handle.close()
+        self._rank_file = self._metrics = self._board = self._bar = None
+
+
+def _command() -> list[str] | None:
+    argv = getattr(sys, "argv", None)
+    return list(argv) if argv else None
+
+
+def _tensorboard(path: str) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise RuntimeError(
+            f"--tensorboard needs the tensorboard package, which is not installed ({error}); "
+            f"install it with: pip install 'meshwise[tensorboard]'") from error
+    return SummaryWriter(path)
+
+
+class RankStream:
+    """A text stream that marks each line with the rank that wrote it: ``[rank 3] ...``."""
+
+    def __init__(self, stream: Any, rank: int) -> None:
+        self._stream, self._prefix, self._pending = stream, f"[rank {rank}] ", ""
+
+    def write(self, text: str) -> int:
+        lines = (self._pending + text).split("\n")
+        self._pending = lines.pop()
+        if lines:
+            self._stream.write("".join(f"{self._prefix}{line}\n" for line in lines))
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            self._stream.write(self._prefix + self._pending)
+            self._pending = ""
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, ...
+        return getattr(self._stream, name)
+
+
+def mark_ranks() -> None:
+    """In a worker: lines from ranks other than 0 say which rank wrote them (all ranks'
+    under --verbose); under --quiet other ranks' stdout is dropped, their warnings and
+    errors (stderr) kept."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    verbose = os.environ.get(VERBOSE_ENV) == "1"
+    if rank == 0 and not verbose:
+        return
+    if quiet() and rank != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
+    else:
+        sys.stdout = RankStream(sys.stdout, rank)
+    sys.stderr = RankStream(sys.stderr, rank)

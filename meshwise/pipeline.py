@@ -45,6 +45,7 @@ from torch.distributed.pipelining import (
 from meshwise import data, memory
 from meshwise import dist as mwdist
 from meshwise.engine import Engine, LossFn, OptimizerArg, _build_optimizer
+from meshwise.observe import note
 from meshwise.partition import Partition, split_model, untouched
 from meshwise.plan import Plan, interleaved_rounds_ok
 from meshwise.trace import Recorder
@@ -196,9 +197,9 @@ class PipelineEngine(Engine):
             layers = measure_free(cut)
             part = Partition(layers=layers, bounds=tuple(tuple(b) for b in value), split=cut)
         elif self.is_main:
-            print(f"meshwise: plan {self.plan}: {self.num_stages} pipeline stages, {self.microbatches} micro-batches"
-                  f"{f' ({self.virtual} per rank, rank r holds r, r+{self.plan.pp}, ...)' if self.virtual > 1 else ''}"
-                  f"\n{part}", flush=True)
+            note(f"meshwise: plan {self.plan}: {self.num_stages} pipeline stages, {self.microbatches} micro-batches"
+                 f"{f' ({self.virtual} per rank, rank r holds r, r+{self.plan.pp}, ...)' if self.virtual > 1 else ''}"
+                 f"\n{part}")
         return part
 
     def _shard_stages(self, model: torch.nn.Module, mine: list[torch.nn.Module], mesh: Any) -> None:

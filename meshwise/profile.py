@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from meshwise import cost, data
+from meshwise.observe import note
 from meshwise.plan import Plan
 
 SEARCH_ENV = "MESHWISE_SEARCH"
@@ -427,21 +428,24 @@ def auto_plan(model: torch.nn.Module, sample: Any, device: torch.device, batch: 
         raise ValueError(message[0][1])
     _, chosen, runners_up, work, hw, hint = message[0]
     if is_main:
-        print(f"meshwise: --plan auto: planned for a global batch of {batch} rows (parallelize's batch_size, "
-              f"else the sample's)", flush=True)
+        note(f"meshwise: --plan auto: planned for a global batch of {batch} rows (parallelize's batch_size, "
+             f"else the sample's)")
         fitted = ", ".join(f"{name} {lat * 1e6:.0f} us + {bw / 1e9:.2f} GB/s" for name, lat, bw in hw.measured)
-        print(f"meshwise: --plan auto: profiled {len(work.layers)} layers of {work.name}; links: "
-              f"{fitted or 'none (one process)'}; {hw.slots or 'no'} core limit", flush=True)
+        note(f"meshwise: --plan auto: profiled {len(work.layers)} layers of {work.name}; links: "
+             f"{fitted or 'none (one process)'}; {hw.slots or 'no'} core limit")
         for label, e in [("chose", chosen), *[("next", r) for r in runners_up]]:
             assert e.memory is not None
-            print(f"meshwise: {label} {e.plan}: predicted step {e.step_time * 1e3:.1f} ms, {e.samples_per_s:.0f} "
-                  f"samples/s, {e.memory.total / 2**20:.0f} MiB per process", flush=True)
+            note(f"meshwise: {label} {e.plan}: predicted step {e.step_time * 1e3:.1f} ms, {e.samples_per_s:.0f} "
+                 f"samples/s, {e.memory.total / 2**20:.0f} MiB per process")
         if hint:
-            print(hint, flush=True)
+            note(hint)
 
     def predict(rows: int) -> float:
         return cost.estimate(work, chosen.plan, hw, rows).step_time
 
+    predict.facts = {"step_s": chosen.step_time, "batch": batch, "samples_per_s": chosen.samples_per_s,  # type: ignore[attr-defined]
+                     "compute_s": chosen.compute, "communication_s": chosen.communication,
+                     "bubble_s": chosen.bubble, "optimizer_s": chosen.optimizer}
     return chosen.plan, predict
 
 

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from meshwise import data, memory
 from meshwise import dist as mwdist
 from meshwise.engine import Engine, LossFn, OptimizerArg
+from meshwise.observe import note
 from meshwise.plan import Plan
 
 ELEMENTWISE = (torch.nn.GELU, torch.nn.ReLU, torch.nn.SiLU, torch.nn.Tanh, torch.nn.Dropout, torch.nn.Identity,
@@ -277,7 +278,7 @@ def split_tensors(model: torch.nn.Module, mesh: Any, plan: Plan, *, within: list
 
     decided = tensor_plan(model, plan.tp)
     if announce:
-        print(f"meshwise: plan {plan}: {decided}", flush=True)
+        note(f"meshwise: plan {plan}: {decided}")
     styles = decided.styles()
     local = {id(m) for module in within for m in module.modules()} if within is not None else None
     if local is not None:  # a group (column- then row-parallel) is split only if this rank runs all of it

@@ -15,6 +15,7 @@ import sys
 import threading
 
 from meshwise.launch import ERROR_FILE_ENV, die_with_parent, leave_group, record_failure
+from meshwise.observe import mark_ranks
 
 
 def _ours(filename: str) -> bool:
@@ -32,6 +33,7 @@ def main(argv: list[str]) -> int:
         return 2
     sys.argv = [target, *args]
     die_with_parent()
+    mark_ranks()
     try:
         if as_module:
             runpy.run_module(target, run_name="__main__", alter_sys=True)

@@ -12,7 +12,6 @@ outputs equal ``engine.predict``'s. SGD with momentum, for the reason given in t
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

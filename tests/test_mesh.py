@@ -18,7 +18,6 @@ All plans of one world size run in one launch, one after another.
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

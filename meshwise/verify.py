@@ -1,0 +1,299 @@
+"""``meshwise verify``: run a training script in one process and under a plan, and compare.
+
+    meshwise verify train.py --plan dp=2,pp=2 --steps 10
+
+The script runs unmodified, twice, with the same seeds: once as a single process
+(plan dp=1) and once under the plan. In both runs the engine (``parallelize``) records
+every step's loss and rows, and rank 0 gathers the whole model after each step; after
+``--steps`` steps the run stops. The per-step losses and the final parameters are then
+compared by name against a tolerance chosen for the precision, and a failure is
+explained where its cause can be told:
+
+* rows trained differ (a step missing, a batch smaller): the uneven tail was dropped;
+* the step draws random numbers (dropout), so no two splits can match; if the ranks'
+  generators started apart, the script seeds by rank;
+* the first update is a fixed multiple of the single-process one for every parameter:
+  the loss sums over rows instead of averaging them;
+* the first losses differ before any update: the runs start from different weights or data.
+
+The script must call ``parallelize`` once; the plan it passes is replaced by each run's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from meshwise.engine import VERIFY_ENV  # DIR:STEPS: record into DIR, stop after STEPS steps
+
+TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}
+SHOWN = 20
+"""Steps shown in the table; past that, the first and last ones and every step out of tolerance."""
+WHY = {
+    "fp32": "fp32 keeps 24 significant bits; sums split over processes or micro-batches add the same "
+            "terms in another order, which moves the last bits (about 1e-7 relative) each step. 1e-4 "
+            "leaves room for that while a real mistake (a wrong loss scale, lost rows, other random "
+            "masks) moves values by 1e-3 or more",
+    "bf16": "bf16 autocast keeps 8 significant bits: each matrix product rounds by about 4e-3 relative, "
+            "and a split changes which partial sums are rounded, so losses drift apart by up to a few "
+            "percent; 5e-2 allows that and still catches a loss scaled by 2 or lost rows",
+}
+
+
+class Probe:
+    """Worker side: records each step into the verify directory and stops the script."""
+
+    def __init__(self, engine: Any, spec: str) -> None:
+        directory, _, steps = spec.rpartition(":")
+        self.engine, self.dir, self.steps = engine, directory, int(steps)
+        self.losses: list[float] = []
+        self.rows: list[int] = []
+        self.states: dict[str, dict[str, torch.Tensor] | None] = {}
+        self.rng: dict[str, Any] = {}
+        if engine.is_main:
+            import atexit
+
+            atexit.register(self._write)  # also when the script ends before --steps
+
+    def wrap(self, step: Any) -> Any:
+        from meshwise import data
+
+        def probed(batch: Any) -> float:
+            engine = self.engine
+            first = engine.steps == 0
+            if first:
+                self.states["initial"] = engine.full_state_dict()
+                before = _rng_digest()
+            loss = step(batch)
+            if first:
+                self.rng = {"before": before, "draws": _rng_digest() != before}
+                with open(os.path.join(self.dir, f"rank-{engine.rank}.json"), "w") as f:
+                    json.dump(self.rng, f)
+            self.losses.append(loss)
+            self.rows.append(data.global_size(batch) or data.batch_size_of(batch) * engine.dp_size)
+            state = engine.full_state_dict()
+            if first:
+                self.states["first"] = state
+            self.states["final"] = state
+            if engine.steps >= self.steps:
+                sys.exit(0)  # every rank reaches this step: nobody is left waiting
+            return loss
+
+        return probed
+
+    def _write(self) -> None:
+        from safetensors.torch import save_file
+
+        for name, state in self.states.items():
+            if state is not None:
+                save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(self.dir, f"{name}.safetensors"))
+        with open(os.path.join(self.dir, "steps.json"), "w") as f:
+            json.dump({"losses": self.losses, "rows": self.rows, "plan": str(self.engine.plan),
+                       "precision": self.engine.plan.precision, "world_size": self.engine.world_size}, f)
+
+
+def _rng_digest() -> str:
+    h = hashlib.sha256(torch.get_rng_state().numpy().tobytes())
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for state in torch.cuda.get_rng_state_all():
+            h.update(state.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Run:
+    """What one run left: its steps, states, and each rank's random-generator record."""
+
+    label: str
+    losses: list[float]
+    rows: list[int]
+    precision: str
+    states: dict[str, dict[str, torch.Tensor]]
+    rng: list[dict[str, Any]]
+
+
+def _load(directory: str, label: str) -> Run:
+    from safetensors.torch import load_file
+
+    with open(os.path.join(directory, "steps.json")) as f:
+        steps = json.load(f)
+    states = {name: load_file(os.path.join(directory, f"{name}.safetensors"))
+              for name in ("initial", "first", "final") if os.path.exists(os.path.join(directory, f"{name}.safetensors"))}
+    rng = []
+    for r in range(steps["world_size"]):
+        path = os.path.join(directory, f"rank-{r}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                rng.append(json.load(f))
+    return Run(label, steps["losses"], steps["rows"], steps["precision"], states, rng)
+
+
+def _launch(script: list[str], plan: str, nproc: int, steps: int, directory: str, device: str | None,
+            log: str) -> int:
+    os.makedirs(directory, exist_ok=True)
+    command = [sys.executable, "-m", "meshwise.cli", "run", "--quiet", "--no-run-dir", "--nproc", str(nproc),
+               "--plan", plan, *(["--device", device] if device else []), *script]
+    env = {**os.environ, VERIFY_ENV: f"{directory}:{steps}", "PYTHONHASHSEED": "0"}
+    with open(log, "w") as f:
+        return subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def verify(script: list[str], plan: str, *, nproc: int, steps: int, tolerance: float | None = None,
+           device: str | None = None, keep: str | None = None) -> tuple[bool, str]:
+    """Run ``script`` alone and under ``plan``; (passed, the report to print)."""
+    work = keep or tempfile.mkdtemp(prefix="meshwise-verify-")
+    runs = []
+    for label, p, n in (("1 process", "dp=1", 1), (plan, plan, nproc)):
+        directory = os.path.join(work, "single" if n == 1 and p == "dp=1" else "parallel")
+        log = directory + ".log"
+        code = _launch(script, p, n, steps, directory, device, log)
+        if code != 0 or not os.path.exists(os.path.join(directory, "steps.json")):
+            with open(log) as f:
+                tail = "".join(f.readlines()[-25:])
+            why = (f"exit code {code}" if code != 0 else
+                   "it never called meshwise.parallelize, or ran no step (verify compares the steps of an engine)")
+            return False, f"meshwise verify: the run with plan {p} failed ({why}); its output ends:\n{tail}"
+        runs.append(_load(directory, label))
+    return compare(runs[0], runs[1], steps, tolerance)
+
+
+def compare(single: Run, parallel: Run, steps: int, tolerance: float | None = None) -> tuple[bool, str]:
+    """The verdict table and the diagnosis, from two recorded runs."""
+    precision = parallel.precision
+    tol = tolerance if tolerance is not None else TOLERANCE.get(precision, TOLERANCE["bf16"])
+    lines = [f"meshwise verify: {parallel.label} against 1 process, {len(single.losses)} step(s) "
+             f"(--steps {steps}), {precision}", "",
+             f"{'step':>5}  {'loss, 1 process':>16}  {'loss, ' + parallel.label:>{max(16, len(parallel.label) + 6)}}  "
+             f"{'difference':>10}"]
+    worst_loss = 0.0
+    width = max(16, len(parallel.label) + 6)
+    count = max(len(single.losses), len(parallel.losses))
+    for i in range(count):
+        a = single.losses[i] if i < len(single.losses) else None
+        b = parallel.losses[i] if i < len(parallel.losses) else None
+        diff = abs(a - b) / max(1.0, abs(a)) if a is not None and b is not None else math.inf
+        worst_loss = max(worst_loss, diff)
+        if count <= SHOWN or i < SHOWN // 2 or i >= count - SHOWN // 4 or diff > (tolerance or tol):
+            lines.append(f"{i + 1:>5}  {_num(a):>16}  {_num(b):>{width}}  {_num(diff, '.1e'):>10}")
+        elif lines[-1] != "  ...":
+            lines.append("  ...")
+    name, worst = _worst(single.states.get("final", {}), parallel.states.get("final", {}))
+    lines += ["", f"worst parameter: {name}, difference {_num(worst, '.2e')}"]
+    passed = worst_loss <= tol and worst <= tol
+    why = "given with --tolerance" if tolerance is not None else WHY.get(precision, "")
+    lines += textwrap.wrap(f"tolerance: {tol:g}, relative to max(1, |value|) ({why})", 100, subsequent_indent="  ")
+    if passed:
+        lines.append(f"PASS: {parallel.label} trains like one process (losses within {worst_loss:.1e}, "
+                     f"parameters within {worst:.1e})")
+    else:
+        lines.append(f"FAIL: {parallel.label} does not train like one process (losses differ by up to "
+                     f"{_num(worst_loss, '.1e')}, parameters by {_num(worst, '.1e')})")
+        for cause in diagnose(single, parallel, tol):
+            lines += textwrap.wrap(cause, 100, initial_indent="  - ", subsequent_indent="    ")
+    return passed, "\n".join(lines)
+
+
+def diagnose(single: Run, parallel: Run, tol: float) -> list[str]:
+    """Likely causes of a difference, most specific first."""
+    causes = []
+    if single.rows != parallel.rows:
+        for i in range(max(len(single.rows), len(parallel.rows))):
+            a = single.rows[i] if i < len(single.rows) else None
+            b = parallel.rows[i] if i < len(parallel.rows) else None
+            if a != b:
+                break
+        causes.append(
+            f"rows trained differ from step {i + 1}: {a if a is not None else 'no step'} in one process, "
+            f"{b if b is not None else 'no step'} under {parallel.label} ({sum(single.rows)} rows against "
+            f"{sum(parallel.rows)} in all). The parallel run drops or loses rows, typically the uneven last "
+            f"batch (drop_last, or a sampler that evens shards out); engine.loader keeps every row.")
+    draws = [r for r in single.rng + parallel.rng if r.get("draws")]
+    if draws:
+        apart = len({r["before"] for r in parallel.rng}) > 1
+        causes.append(
+            "the training step draws random numbers (dropout or another random layer), so its masks cannot "
+            "match between one process and a split batch." +
+            (" The ranks' random generators also began step 1 in different states: the script seeds by rank "
+             "(e.g. torch.manual_seed(rank)); seed every rank alike." if apart else "") +
+            " To verify the plan itself, set dropout to 0 for the check.")
+    first = _update_scale(single.states, parallel.states)
+    if first is not None and not draws and abs(first - 1) > 10 * tol:
+        causes.append(
+            f"the first update is {first:.3g}x the single-process one for every parameter while the step-1 "
+            f"losses agree: the loss sums over rows instead of averaging them (reduction='sum'), so splitting "
+            f"the batch scales the gradient. meshwise weights each share as a mean: use reduction='mean', or "
+            f"divide the sum by the rows of the batch.")
+    if (not causes and single.losses and parallel.losses
+            and abs(single.losses[0] - parallel.losses[0]) > tol * max(1.0, abs(single.losses[0]))):
+        _, start = _worst(single.states.get("initial", {}), parallel.states.get("initial", {}))
+        causes.append(
+            "the step-1 losses already differ, before any update: " +
+            ("the initial weights differ (the model is built after a rank- or time-dependent seed?)" if start > 0 else
+             "the model starts alike, so the data differs (a batch that depends on the rank or the world size?)"))
+    if not causes:
+        step = next((i + 1 for i, (a, b) in enumerate(zip(single.losses, parallel.losses, strict=False))
+                     if abs(a - b) > tol * max(1.0, abs(a))), None)
+        causes.append(f"no known cause found; the losses part from step {step}" if step else
+                      "no known cause found; the losses agree but the parameters differ (state outside the loss, "
+                      "such as buffers updated differently per replica?)")
+    return causes
+
+
+def _update_scale(single: dict[str, dict[str, torch.Tensor]], parallel: dict[str, dict[str, torch.Tensor]]
+                  ) -> float | None:
+    """The factor c with (parallel update) = c x (single update) at step 1, if one fits every
+    parameter (least squares, residual under 1%); None otherwise."""
+    needed = ("initial", "first")
+    if not all(k in single and k in parallel for k in needed):
+        return None
+    dot = norm = 0.0
+    pairs = []
+    for name, start in single["initial"].items():
+        if name not in parallel["first"] or not start.is_floating_point():
+            continue
+        a = (single["first"][name] - start).double()
+        b = (parallel["first"][name] - parallel["initial"][name]).double()
+        dot, norm = dot + float((a * b).sum()), norm + float((a * a).sum())
+        pairs.append((a, b))
+    if norm == 0:
+        return None
+    c = dot / norm
+    residual = sum(float(((b - c * a) ** 2).sum()) for a, b in pairs)
+    return c if residual <= 1e-4 * c * c * norm else None
+
+
+def _worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[str, float]:
+    """The parameter that differs most (relative to max(1, |value|)), by name."""
+    if not a or not b:
+        return "(no final state recorded)", math.inf
+    missing = sorted(set(a) ^ set(b))
+    if missing:
+        return f"{missing[0]} (in one run only)", math.inf
+    worst, name = 0.0, "(none)"
+    for key, x in a.items():
+        if not (x.is_floating_point() and b[key].is_floating_point()):
+            continue
+        if x.shape != b[key].shape:
+            return f"{key} (shapes {tuple(x.shape)} and {tuple(b[key].shape)})", math.inf
+        diff = float((x.double() - b[key].double()).abs().max()) / max(1.0, float(x.double().abs().max()))
+        if diff > worst or name == "(none)":
+            worst, name = diff, key
+    return name, worst
+
+
+def _num(value: float | None, fmt: str = ".6f") -> str:
+    if value is None:
+        return "-"
+    if math.isinf(value):
+        return "inf"
+    return format(value, fmt)
