@@ -51,8 +51,14 @@ class RunDir:
             self._metrics = None
 
 
-def default_run_dir(name: str, root: str = "runs") -> str:
-    """``runs/NAME-YYYYmmdd-HHMMSS-XXXX``: XXXX keeps two runs started in one second apart."""
+RUNS_ENV = "MESHWISE_RUNS"
+"""Where run directories go by default (``runs`` in the working directory)."""
+
+
+def default_run_dir(name: str, root: str | None = None) -> str:
+    """``runs/NAME-YYYYmmdd-HHMMSS-XXXX`` (under ``MESHWISE_RUNS`` if set): XXXX keeps two
+    runs started in one second apart."""
+    root = root or os.environ.get(RUNS_ENV) or "runs"
     return os.path.join(root, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}")
 
 

@@ -56,6 +56,7 @@ class Probe:
     def __init__(self, engine: Any, spec: str) -> None:
         directory, _, steps = spec.rpartition(":")
         self.engine, self.dir, self.steps = engine, directory, int(steps)
+        os.makedirs(directory, exist_ok=True)
         self.losses: list[float] = []
         self.rows: list[int] = []
         self.states: dict[str, dict[str, torch.Tensor] | None] = {}
@@ -139,24 +140,42 @@ def _load(directory: str, label: str) -> Run:
 
 
 def _launch(script: list[str], plan: str, nproc: int, steps: int, directory: str, device: str | None,
-            log: str) -> int:
+            log: str) -> subprocess.Popen:
+    from meshwise.dist import DEVICE_ENV, PLAN_ENV
+    from meshwise.observe import QUIET_ENV
+
     os.makedirs(directory, exist_ok=True)
-    command = [sys.executable, "-m", "meshwise.cli", "run", "--quiet", "--no-run-dir", "--nproc", str(nproc),
-               "--plan", plan, *(["--device", device] if device else []), *script]
-    env = {**os.environ, VERIFY_ENV: f"{directory}:{steps}", "PYTHONHASHSEED": "0"}
+    env = {**os.environ, VERIFY_ENV: f"{directory}:{steps}", "PYTHONHASHSEED": "0", QUIET_ENV: "1"}
+    if nproc == 1:  # the reference: the script as a plain process, as `python SCRIPT` runs it
+        command = [sys.executable, "-m", "meshwise.worker", *script]
+        env.update({PLAN_ENV: plan, **({DEVICE_ENV: device} if device else {})})
+    else:
+        command = [sys.executable, "-m", "meshwise.cli", "run", "--quiet", "--no-run-dir", "--nproc", str(nproc),
+                   "--plan", plan, *(["--device", device] if device else []), *script]
     with open(log, "w") as f:
-        return subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        return subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env)
 
 
 def verify(script: list[str], plan: str, *, nproc: int, steps: int, tolerance: float | None = None,
            device: str | None = None, keep: str | None = None) -> tuple[bool, str]:
     """Run ``script`` alone and under ``plan``; (passed, the report to print)."""
     work = keep or tempfile.mkdtemp(prefix="meshwise-verify-")
-    runs = []
+    runs, started = [], []
+    # on CPUs both at once (they share no state); on GPUs one after the other, or both would use GPU 0
+    together = device == "cpu" or not torch.cuda.is_available()
     for label, p, n in (("1 process", "dp=1", 1), (plan, plan, nproc)):
-        directory = os.path.join(work, "single" if n == 1 and p == "dp=1" else "parallel")
+        directory = os.path.join(work, "single" if n == 1 else "parallel")
+        if started and not together:
+            started[-1][-1].wait()
+        started.append((label, p, directory, _launch(script, p, n, steps, directory, device, directory + ".log")))
+    for label, p, directory, process in started:
+        try:
+            code = process.wait()
+        except BaseException:  # Ctrl-C: stop both runs, leave nothing behind
+            for *_, other in started:
+                other.kill()
+            raise
         log = directory + ".log"
-        code = _launch(script, p, n, steps, directory, device, log)
         if code != 0 or not os.path.exists(os.path.join(directory, "steps.json")):
             with open(log) as f:
                 tail = "".join(f.readlines()[-25:])

@@ -7,10 +7,10 @@ import json
 import math
 import os
 import re
-import shutil
 import statistics
 import struct
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -132,9 +132,11 @@ def test_predicted_against_measured(full: tuple[str, str]) -> None:
     measured_ms = statistics.median(0.041 + 0.003 * math.sin(s) for s in range(report.WARMUP + 1, STEPS + 1)) * 1e3
     assert f"<td>38.00</td><td>{measured_ms:.2f}</td><td>{(measured_ms / 38 - 1) * 100:+.0f} %</td>" in table
     assert "steps 6 to 30" in table
+    # trace.json: 20 % bubble (1 - 48 busy ms / (2 ranks x 30 ms span)) of a 30 ms pipeline span: 6 ms a step
+    assert report._bubble_ms(report.load(full[0])) == pytest.approx(6.0)
 
 
-def test_mesh_of_an_interleaved_tensor_parallel_plan(tmp_path: Any) -> None:
+def test_mesh_of_an_interleaved_tensor_parallel_plan(tmp_path: Path) -> None:
     """dp=2,pp=2,tp=2 with 4 stages, 2 on each pipeline rank; run.json alone is a run directory."""
     stages = [{"stage": s, "pp_rank": s % 2, "layers": [f"blocks.{2 * s}", f"blocks.{2 * s + 1}"]} for s in range(4)]
     info = {"plan": "dp=2,pp=2,tp=2,schedule=interleaved", "world_size": 8, "stages": stages,
@@ -150,7 +152,7 @@ def test_mesh_of_an_interleaved_tensor_parallel_plan(tmp_path: Any) -> None:
     assert "8 of 12 modules split" in page and "metrics.jsonl not recorded" in page
 
 
-def test_missing_sections_say_how_to_record_them(tmp_path: Any) -> None:
+def test_missing_sections_say_how_to_record_them(tmp_path: Path) -> None:
     run = make_run(str(tmp_path / "run"), predicted=False, traced=False)
     page = open(report.write(run), encoding="utf-8").read()
     assert "The pipeline timeline not recorded: run with `meshwise run --trace RUN_DIR" in page
@@ -159,7 +161,7 @@ def test_missing_sections_say_how_to_record_them(tmp_path: Any) -> None:
     assert page.count("<img") == 4 and not os.path.exists(os.path.join(run, "report-trace.png"))
 
 
-def test_metrics_only_and_out_elsewhere(tmp_path: Any) -> None:
+def test_metrics_only_and_out_elsewhere(tmp_path: Path) -> None:
     """A run directory with nothing but metrics.jsonl, whose last line is still being written."""
     run = tmp_path / "run"
     run.mkdir()
@@ -173,7 +175,7 @@ def test_metrics_only_and_out_elsewhere(tmp_path: Any) -> None:
     assert "Throughput not recorded" in page and "Memory not recorded" in page
 
 
-def test_errors(tmp_path: Any) -> None:
+def test_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"no metrics.jsonl and no run.json; to get one, run `meshwise run \.\.\.` "
                                          r"or `meshwise demo`"):
         report.write(str(tmp_path))
@@ -195,7 +197,7 @@ def _chromium(page: str, *args: str, profile: str) -> subprocess.CompletedProces
     return subprocess.run(command, capture_output=True, text=True, timeout=60)
 
 
-def test_renders_in_chromium(full: tuple[str, str], tmp_path: Any) -> None:
+def test_renders_in_chromium(full: tuple[str, str], tmp_path: Path) -> None:
     if not os.path.exists(CHROMIUM):
         pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium) to render the page")
     dom = _chromium(full[1], "--dump-dom", profile=str(tmp_path / "profile-dom"))
@@ -207,5 +209,3 @@ def test_renders_in_chromium(full: tuple[str, str], tmp_path: Any) -> None:
     proc = _chromium(full[1], f"--screenshot={shot}", "--window-size=1280,2400", profile=str(tmp_path / "profile-shot"))
     assert proc.returncode == 0 and shot.exists(), proc.stderr[-2000:]
     assert shot.stat().st_size > 50_000 and _png_size(shot.read_bytes()) == (1280, 2400)
-    if os.environ.get("MESHWISE_KEEP_SCREENSHOT"):  # to look at the page: MESHWISE_KEEP_SCREENSHOT=DIR
-        shutil.copy(shot, os.environ["MESHWISE_KEEP_SCREENSHOT"])

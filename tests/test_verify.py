@@ -1,0 +1,70 @@
+"""``meshwise verify``: a correct script passes; planted mistakes fail, each with its cause.
+
+tests/scripts/verify_target.py trains a small classifier under dp=2 (45 rows in batches
+of 8: the sixth step has 5 rows) and plants one mistake per mode.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from meshwise import verify as mv
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "verify_target.py")
+
+
+def _verify(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "meshwise.cli", "verify", SCRIPT, *args], capture_output=True,
+                          text=True, timeout=120, start_new_session=True)
+
+
+@pytest.mark.parametrize(("mode", "code", "words"), [
+    ("ok", 0, ["PASS: dp=2 trains like one process", "worst parameter:", "fp32 keeps 24 significant bits"]),
+    ("sum", 1, ["FAIL", "the first update is 0.5x the single-process one", "reduction='sum'"]),
+    ("dropout", 1, ["FAIL", "draws random numbers", "seeds by rank"]),
+    ("tail", 1, ["FAIL", "rows trained differ from step 6: 5 in one process, 8 under dp=2", "uneven last batch"]),
+])
+def test_verify_passes_a_correct_script_and_names_each_planted_mistake(mode: str, code: int, words: list[str]) -> None:
+    out = _verify("--plan", "dp=2", "--steps", "8", "--", mode)
+    assert out.returncode == code, out.stdout + out.stderr
+    text = " ".join(out.stdout.split())  # the causes are wrapped over lines
+    for w in words:
+        assert w in text, (w, out.stdout)
+    table = [row for row in (line.split() for line in out.stdout.splitlines()) if len(row) == 4 and row[0].isdigit()]
+    assert [int(row[0]) for row in table] == list(range(1, 9))  # one row per step compared
+    if mode == "ok":
+        assert all(float(row[3]) <= 1e-4 for row in table)
+
+
+def test_verify_refuses_bad_input(capsys) -> None:
+    from meshwise.cli import main
+
+    for args, words in [([SCRIPT, "--plan", "dp=1"], "runs in one process, which is the reference"),
+                        ([SCRIPT, "--plan", "dp=2", "--nproc", "3"], "needs 2 processes but --nproc is 3"),
+                        ([SCRIPT, "--plan", "dp=2", "--steps", "0"], "--steps 0 is invalid"),
+                        ([SCRIPT, "--plan", "dp=2", "--tolerance", "-1"], "--tolerance -1 is invalid"),
+                        ([SCRIPT, "--plan", "dq=2"], "dq"),
+                        (["nowhere.py", "--plan", "dp=2"], "script 'nowhere.py' not found")]:
+        with pytest.raises(SystemExit) as done:
+            main(["verify", *args])
+        assert done.value.code == 2 and words in capsys.readouterr().err, args
+
+
+def _run(losses: list[float], precision: str = "fp32", shift: float = 0.0) -> mv.Run:
+    state = {"w": torch.ones(3) + shift}
+    return mv.Run("dp=2", losses, [8] * len(losses), precision, {"final": state}, [])
+
+
+def test_the_tolerance_follows_the_precision() -> None:
+    # 1e-3 apart: out of fp32's 1e-4, within bf16's 5e-2
+    assert not mv.compare(_run([1.0, 0.9]), _run([1.0, 0.901]), 2)[0]
+    passed, text = mv.compare(_run([1.0, 0.9], "bf16"), _run([1.0, 0.901], "bf16"), 2)
+    assert passed and "bf16 autocast keeps 8 significant bits" in text
+    assert mv.compare(_run([1.0, 0.9]), _run([1.0, 0.901]), 2, tolerance=1e-2)[0]
+    failed, text = mv.compare(_run([1.0]), _run([1.0], shift=1e-3), 1)
+    assert not failed and "worst parameter: w, difference 1.00e-03" in text
