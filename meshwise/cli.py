@@ -315,8 +315,9 @@ def _finish_run_dir(ns: argparse.Namespace) -> None:
             if os.path.exists(source) and os.path.abspath(ns.trace) != ns.run_dir:
                 shutil.copy(source, os.path.join(ns.run_dir, name))
     if not ns.quiet and os.path.exists(os.path.join(ns.run_dir, "metrics.jsonl")):
-        print(f"meshwise: run recorded in {os.path.relpath(ns.run_dir)}; meshwise report {os.path.relpath(ns.run_dir)} "
-              f"writes its HTML report", file=sys.stderr)
+        where = os.path.relpath(ns.run_dir)
+        where = ns.run_dir if where.startswith("..") else where
+        print(f"meshwise: run recorded in {where}; meshwise report {where} writes its HTML report", file=sys.stderr)
 
 
 def _verify(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:

@@ -132,7 +132,8 @@ def _median(records: list[Record], key: str) -> float | None:
 
 
 def _span_text(records: list[Record]) -> str:
-    return f"steps {records[0].get('step')} to {records[-1].get('step')}" if records else "no steps"
+    first, last = (records[0].get("step"), records[-1].get("step")) if records else (None, None)
+    return "no steps" if not records else f"step {first}" if first == last else f"steps {first} to {last}"
 
 
 def _bubble_ms(run: Run) -> float | None:
@@ -246,15 +247,16 @@ def _draw_breakdown(run: Run, path: str) -> bool:
         for part, ms in parts.items():
             ax.barh(y, ms, left=left, color=COLOURS[part], label=part, edgecolor="white")
             if ms > 0.06 * longest:
-                ax.text(left + ms / 2, y, f"{ms:.1f}", ha="center", va="center", fontsize=8, color="white")
+                ax.text(left + ms / 2, y, f"{ms:.3g}", ha="center", va="center", fontsize=8, color="white")
             left += ms
-        ax.text(left + 0.01 * longest, y, f"{left:.1f} ms", va="center", fontsize=9)
+        ax.text(left + 0.01 * longest, y, f"{left:.3g} ms", va="center", fontsize=9)
     legend = dict(zip(*reversed(ax.get_legend_handles_labels())))
-    ax.legend(legend.values(), legend.keys(), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=5)
+    ax.legend(legend.values(), legend.keys(), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=5,
+              frameon=False)  # above the bars, where the title would be (the section's heading says it)
     ax.set_yticks(range(len(bars)), list(bars))
     ax.set_xlim(0, longest * 1.12 or 1)
     ax.invert_yaxis()
-    ax.set(xlabel="milliseconds per step", title="step time")
+    ax.set(xlabel="milliseconds per step")
     return _save(fig, path)
 
 
@@ -332,12 +334,13 @@ def _step_time(run: Run, charts: dict[str, str]) -> str:
         return _missing("Step time", "no step_s in metrics.jsonl and no prediction in run.json")
     notes = [] if "predicted" in _breakdown(run) else [
         _missing("The predicted breakdown", "run.json holds one when the planner chose the plan (`--plan auto`)")]
-    if _bubble_ms(run) is None:
+    bubble = ("; its bubble is the trace's measured bubble fraction times the pipeline's span of a step"
+              if _bubble_ms(run) is not None else "")
+    if not bubble:
         notes.append(_missing("The measured bubble", "record the pipeline timeline with `--trace RUN_DIR`; of a "
                                                      "measured step, only the bubble is told apart"))
-    return (f"<p>Measured: the median step over {_span_text(_steady(run.steps))}; its bubble is the trace's measured "
-            "fraction times the pipeline's span of a step.</p>" + _img(charts, "breakdown", "step time")
-            + "".join(notes))
+    return (f"<p>Measured: the median step over {_span_text(_steady(run.steps))}{bubble}.</p>"
+            + _img(charts, "breakdown", "step time") + "".join(notes))
 
 
 def _memory_section(run: Run, charts: dict[str, str]) -> str:

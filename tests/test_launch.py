@@ -270,3 +270,26 @@ def test_max_restarts_restarts_the_job_after_a_failure() -> None:
                                   os.path.join(HERE, "scripts", "fail_once.py")), 60)
     assert code == 0, err[-3000:]
     assert "finished in attempt 1 after 2 steps" in out
+
+
+@pytest.mark.parametrize("talk", ["default", "--quiet", "--verbose"])
+def test_quiet_and_verbose_and_other_ranks_are_marked(talk: str, tmp_path) -> None:
+    script = os.path.join(HERE, "scripts", "chatty.py")
+    flags = [] if talk == "default" else [talk]
+    code, stdout, stderr = finish(start(os.path.join(BIN, "meshwise"), "run", "--nproc", "2", *flags, "--run-dir",
+                                        str(tmp_path / "run"), script))
+    assert code == 0, stderr
+    lines = stdout.splitlines()
+    warned = [line for line in stderr.splitlines() if "rank one is odd" in line]
+    assert warned and all(line.startswith("[rank 1] ") for line in warned), stderr  # always shown, marked
+    if talk == "--verbose":
+        assert "[rank 0] hello from rank 0" in lines and "[rank 1] hello from rank 1" in lines
+    else:
+        assert "hello from rank 0" in lines  # rank 0 speaks plainly
+    if talk == "default":
+        assert "[rank 1] hello from rank 1" in lines
+    assert ("meshwise: plan pp=2: 2 pipeline stages, 4 micro-batches" in stdout) == (talk != "--quiet")
+    if talk == "--quiet":
+        assert not any("rank 1" in line for line in lines) and "meshwise:" not in stdout + stderr
+    else:
+        assert "meshwise: run recorded in" in stderr
