@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from meshwise import cost, data
-from meshwise.observe import note
+from meshwise.observe import Progress, note, quiet
 from meshwise.plan import Plan
 
 SEARCH_ENV = "MESHWISE_SEARCH"
@@ -322,10 +322,12 @@ def rank_processes(profile: Callable[[int], cost.Workload], hardware: Callable[[
     out: list[cost.Estimate] = []
     mismatch = None
     fixed = dict(fixed or {})
+    bar = Progress(len({t for _, t in choices}), enabled=not quiet(), desc="profiling")
     for processes, threads in choices:
         if threads not in profiles:
             with torch_threads(threads):
                 profiles[threads] = profile(threads)
+            bar.update()
         try:
             results = search(profiles[threads], hardware(processes), processes, batch,
                              precision=fixed.get("precision", "fp32"), budget=budget, fixed=fixed)
@@ -333,6 +335,7 @@ def rank_processes(profile: Callable[[int], cost.Workload], hardware: Callable[[
             mismatch = error
             continue
         out += [dataclasses.replace(r, threads=threads) for r in results]
+    bar.close()
     if not out and mismatch is not None:
         raise mismatch
     return rank(out), profiles

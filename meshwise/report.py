@@ -337,7 +337,7 @@ def _step_time(run: Run, charts: dict[str, str]) -> str:
     bubble = ("; its bubble is the trace's measured bubble fraction times the pipeline's span of a step"
               if _bubble_ms(run) is not None else "")
     if not bubble:
-        notes.append(_missing("The measured bubble", "record the pipeline timeline with `--trace RUN_DIR`; of a "
+        notes.append(_missing("The measured bubble", "record the pipeline timeline with `--trace DIR` (copied into the run directory); of a "
                                                      "measured step, only the bubble is told apart"))
     return (f"<p>Measured: the median step over {_span_text(_steady(run.steps))}{bubble}.</p>"
             + _img(charts, "breakdown", "step time") + "".join(notes))
@@ -453,7 +453,7 @@ def _timeline(run: Run, charts: dict[str, str]) -> str:
         text.append(_img(charts, "trace", "pipeline timeline"))
     if run.trace:
         text.append("<p>trace.json in the run directory opens in chrome://tracing or ui.perfetto.dev.</p>")
-    return "".join(text) or _missing("The pipeline timeline", "run with `meshwise run --trace RUN_DIR ...` (or "
+    return "".join(text) or _missing("The pipeline timeline", "run with `meshwise run --trace DIR ...`, copied into the run directory (or "
                                                                "`meshwise demo --model gpt --trace DIR`)")
 
 

@@ -57,7 +57,15 @@ def search(work: Workload, hw: Hardware, devices: int, batch: int, *, precision:
     plans = candidates(devices, batch, precision=precision, fixed=fixed, layers=len(work.layers))
     if not plans:
         raise ValueError(f"no plan for {devices} devices matches {fixed}: dp x pp x tp must equal {devices}")
-    return rank([estimate(work, plan, hw, batch, budget=budget) for plan in plans])
+    from meshwise.observe import Progress, quiet
+
+    bar = Progress(len(plans), enabled=not quiet() and len(plans) > 1000, desc="planning")  # seconds of work
+    out = []
+    for plan in plans:
+        out.append(estimate(work, plan, hw, batch, budget=budget))
+        bar.update()
+    bar.close()
+    return rank(out)
 
 
 def rank(results: list[Estimate]) -> list[Estimate]:

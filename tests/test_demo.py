@@ -24,7 +24,8 @@ def test_demo_defaults(tmp_path) -> None:
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == summary["steps"] == 20 * 23  # 1437 samples / 64 per batch = 23 steps per epoch
     assert [r["step"] for r in records] == list(range(1, len(records) + 1))
-    assert {"step", "loss", "samples_per_s", "elapsed_s"} <= records[0].keys()
+    assert {"step", "loss", "samples_per_s", "time_s", "step_s", "memory_mb"} <= records[0].keys()
+    assert (out_dir / "run.json").exists() and (out_dir / "rank-1.jsonl").exists()
     assert records[-1]["loss"] < records[0]["loss"] / 10
 
 

@@ -234,9 +234,33 @@ def test_meshwise_run_trace_merges_the_ranks_timelines(tmp_path) -> None:
     import sys
 
     script = os.path.join(os.path.dirname(__file__), "scripts", "train_pp.py")
+    trace, run = tmp_path / "trace", tmp_path / "run"
     out = subprocess.run([sys.executable, "-m", "meshwise.cli", "run", "--nproc", "2", "--plan", "pp=2",
-                          "--trace", str(tmp_path), script], capture_output=True, text=True, timeout=120)
+                          "--trace", str(trace), "--run-dir", str(run), "--tensorboard", script],
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "trained 4 steps" in out.stdout
     assert "pipeline bubble: measured" in out.stdout + out.stderr and "theoretical 20.0%" in out.stdout + out.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.json", "trace.png"]  # per-rank files merged
+    assert sorted(p.name for p in trace.iterdir()) == ["trace.json", "trace.png"]  # per-rank files merged
+    # the run directory: rank 0's shared files, one file per rank, the timeline, TensorBoard's events
+    import json
+
+    facts = json.loads((run / "run.json").read_text())
+    assert facts["plan"] == "pp=2" and facts["world_size"] == 2 and facts["host"]["device"] == "cpu"
+    assert [s["pp_rank"] for s in facts["stages"]] == [0, 1] and facts["stages"][1]["layers"][-1] == "head"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and all(m["rows"] == 16 and m["tokens"] == 128 for m in metrics)
+    assert all(m["samples_per_s"] > 0 and m["memory_mb"] > 0 and m["state_mb"] > 0 for m in metrics)
+    for rank in (0, 1):
+        assert len((run / f"rank-{rank}.jsonl").read_text().splitlines()) == 4
+    assert (run / "trace.json").read_bytes() == (trace / "trace.json").read_bytes()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run / "tensorboard"))
+    board.Reload()
+    losses = [e.value for e in board.Scalars("loss")]
+    assert losses == pytest.approx([m["loss"] for m in metrics])
+    from meshwise import report
+
+    page = report.write(str(run))
+    assert "pp rank 1" in open(page).read()

@@ -7,7 +7,6 @@
 45 rows in batches of 8: 6 steps, the last of 5 rows.
 """
 
-import os
 import sys
 
 import torch
