@@ -16,8 +16,14 @@ $(VENV)/.demo: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[demo]"
 	touch $@
 
+# The report's browser test renders pages in Debian's chromium; where it cannot be installed
+# (not root, no apt), that one test skips and says why.
 $(VENV)/.test: pyproject.toml $(VENV)/.demo
 	$(BIN)/pip install -q -e ".[test]"
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; } } || \
+	  echo "chromium not installed: the report's browser test will be skipped"
 	touch $@
 
 demo: $(VENV)/.demo

@@ -53,7 +53,11 @@ WHY = {
 class Probe:
     """Worker side: records each step into the verify directory and stops the script."""
 
+    made = False
+    """Whether this process has a probe: only the script's first engine is compared."""
+
     def __init__(self, engine: Any, spec: str) -> None:
+        Probe.made = True
         directory, _, steps = spec.rpartition(":")
         self.engine, self.dir, self.steps = engine, directory, int(steps)
         os.makedirs(directory, exist_ok=True)
@@ -247,11 +251,12 @@ def diagnose(single: Run, parallel: Run, tol: float) -> list[str]:
             " To verify the plan itself, set dropout to 0 for the check.")
     first = _update_scale(single.states, parallel.states)
     if first is not None and not draws and abs(first - 1) > 10 * tol:
+        ratio = parallel.losses[0] / single.losses[0] if single.losses and parallel.losses and single.losses[0] else 0
+        also = f", and so is the step-1 loss ({ratio:.3g}x)" if abs(ratio - first) < 0.01 * abs(first) else ""
         causes.append(
-            f"the first update is {first:.3g}x the single-process one for every parameter while the step-1 "
-            f"losses agree: the loss sums over rows instead of averaging them (reduction='sum'), so splitting "
-            f"the batch scales the gradient. meshwise weights each share as a mean: use reduction='mean', or "
-            f"divide the sum by the rows of the batch.")
+            f"the first update is {first:.3g}x the single-process one for every parameter{also}: the loss sums "
+            f"over rows instead of averaging them (reduction='sum'), so splitting the batch scales it. meshwise "
+            f"weights each share as a mean: use reduction='mean', or divide the sum by the rows of the batch.")
     if (not causes and single.losses and parallel.losses
             and abs(single.losses[0] - parallel.losses[0]) > tol * max(1.0, abs(single.losses[0]))):
         _, start = _worst(single.states.get("initial", {}), parallel.states.get("initial", {}))

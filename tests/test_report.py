@@ -155,7 +155,7 @@ def test_mesh_of_an_interleaved_tensor_parallel_plan(tmp_path: Path) -> None:
 def test_missing_sections_say_how_to_record_them(tmp_path: Path) -> None:
     run = make_run(str(tmp_path / "run"), predicted=False, traced=False)
     page = open(report.write(run), encoding="utf-8").read()
-    assert "The pipeline timeline not recorded: run with `meshwise run --trace RUN_DIR" in page
+    assert "The pipeline timeline not recorded: run with `meshwise run --trace DIR" in page
     assert "A prediction not recorded: run.json holds one when the planner chose the plan (`--plan auto`)" in page
     assert "The predicted breakdown not recorded" in page and "The measured bubble not recorded" in page
     assert page.count("<img") == 4 and not os.path.exists(os.path.join(run, "report-trace.png"))
