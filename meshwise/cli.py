@@ -422,8 +422,9 @@ def main(argv: list[str] | None = None) -> int:
             command += ["--trace", ns.trace]
         if ns.batch_size is not None:
             command += ["--batch-size", str(ns.batch_size)]
-        if ns.out:
-            command += ["--out", ns.out]
+        from meshwise.observe import default_run_dir
+
+        command += ["--out", ns.out or default_run_dir("demo" if ns.model == "digits" else "gpt")]  # one for all ranks
         _talk(ns)
         return run_command(command, job, plan=plan, device=ns.device)
     if ns.command == "plan":

@@ -114,6 +114,9 @@ def parallelize(
                          f"is a number of steps >= 0 (0: only engine.save()), keep >= 1")
     if checkpoint_every and not checkpoint:
         raise ValueError(f"checkpoint_every={checkpoint_every} needs a directory: pass checkpoint=DIR")
+    if verifying:  # the check starts fresh, and leaves the script's own checkpoints alone
+        checkpoint = os.path.join(verifying.rpartition(":")[0], "checkpoints") if checkpoint else None
+        resume = False
     engine.checkpoint_dir, engine.checkpoint_every, engine.checkpoint_keep = checkpoint, checkpoint_every, keep
     if resume is None:  # meshwise run --resume, or a restart after a failure
         resume = os.environ.get(RESUME_ENV) == "1" or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
@@ -134,13 +137,12 @@ def parallelize(
                                            progress=os.environ.get(observe.PROGRESS_ENV) == "1",
                                            predicted=getattr(predicted, "facts", None))
         engine.step = engine.run_record.wrap(engine.step)  # type: ignore[method-assign]
-    elif tensorboard:
+    elif tensorboard and not verifying:
         raise ValueError("tensorboard=True writes into the run directory: pass run_dir=DIR (meshwise run makes one)")
     if verifying:
         from meshwise.verify import Probe
 
-        if not Probe.made:  # the script's first engine is the one compared
-            engine.step = Probe(engine, verifying).wrap(engine.step)  # type: ignore[method-assign]
+        engine.step = Probe(engine, verifying).wrap(engine.step)  # type: ignore[method-assign]
     engine._guard(mwdist.collective_timeout(timeout))
     return engine
 
@@ -245,6 +247,8 @@ class Engine:
         self.sample = sample
         self._sample_spec: Any = None
         self.steps = 0
+        self.last_rows = 0
+        """Rows of the last global batch stepped on (all replicas' shares together)."""
         self._grad_bytes = 0
         self.position: tuple[int, int, int] | None = None
         self._skip: tuple[int, int] | None = None
@@ -459,7 +463,8 @@ class Engine:
         self._check(batch)
         self.position = data.position(batch) or self.position
         local = data.batch_size_of(batch)
-        return local, self._global_size(batch, local)
+        self.last_rows = self._global_size(batch, local)
+        return local, self.last_rows
 
     def _parts(self, batch: Any, local: int) -> list[tuple[Any, int]]:
         """This replica's rows cut into the plan's micro-batches, with their sizes ([] if none)."""

@@ -298,8 +298,10 @@ def run_command(argv: list[str], job: Job, *, plan: Plan | str | None = None, de
         from meshwise import trace as timeline
 
         figures = timeline.merge(trace, title=f"plan {plan}" if plan else "")
-        print(f"meshwise: {timeline.summary_line(figures)}" if figures else
-              f"meshwise: --trace {trace}: no pipeline timeline was recorded (the plan has no pipeline, pp=1)")
+        from meshwise.observe import note
+
+        note(f"meshwise: {timeline.summary_line(figures)}" if figures else
+             f"meshwise: --trace {trace}: no pipeline timeline was recorded (the plan has no pipeline, pp=1)")
     return 0
 
 

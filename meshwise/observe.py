@@ -57,8 +57,12 @@ RUNS_ENV = "MESHWISE_RUNS"
 
 def default_run_dir(name: str, root: str | None = None) -> str:
     """``runs/NAME-YYYYmmdd-HHMMSS-XXXX`` (under ``MESHWISE_RUNS`` if set): XXXX keeps two
-    runs started in one second apart."""
+    runs started in one second apart. Under a launcher (torchrun) the job's id replaces
+    time and XXXX, so that every rank, and a restarted job, picks the same directory."""
     root = root or os.environ.get(RUNS_ENV) or "runs"
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if job and job != "none":
+        return os.path.join(root, f"{name}-{job}")
     return os.path.join(root, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}")
 
 
@@ -134,13 +138,12 @@ def host_facts() -> dict[str, Any]:
 
 
 def _memory_mb(device: Any) -> float:
-    """Peak CUDA memory allocated since the last call (GPU), else this process's resident memory."""
+    """Peak CUDA memory allocated so far (GPU; the user's own peak statistics are left
+    alone), else this process's resident memory now."""
     import torch
 
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return peak / 2**20
+        return torch.cuda.max_memory_allocated(device) / 2**20
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
@@ -161,7 +164,7 @@ class Recorder:
         self.start = time.perf_counter()
         os.makedirs(self.path, exist_ok=True)
         self._rank_file = open(os.path.join(self.path, f"rank-{engine.rank}.jsonl"), "a", buffering=1)
-        self._metrics = self._board = self._bar = None
+        self._metrics = self._board = self._bar = self._stdout = None
         if self.main:
             self._write_json("run.json", self._facts(predicted))
             self._metrics = open(os.path.join(self.path, "metrics.jsonl"), "a", buffering=1)
@@ -172,6 +175,11 @@ class Recorder:
 
                 self._bar = tqdm(desc="training", unit="step", file=sys.stderr, dynamic_ncols=True, leave=False,
                                  disable=None)
+                if not self._bar.disable:  # the script's own prints go above the bar, not into it
+                    self._stdout, sys.stdout = sys.stdout, _AboveBar(sys.stdout, self._bar)
+        import atexit
+
+        atexit.register(self.close)  # the bar cleared, the last events and lines written
 
     def wrap(self, step: Any) -> Any:
         from meshwise import data
@@ -180,7 +188,7 @@ class Recorder:
             t0 = time.perf_counter()
             loss = step(batch)
             now = time.perf_counter()
-            rows = data.global_size(batch) or data.batch_size_of(batch) * self.engine.dp_size
+            rows = self.engine.last_rows
             first = data.first_tensor(data.unpack(batch)[0])
             tokens = rows * first.shape[1] if first is not None and first.dim() >= 2 and not (
                 first.is_floating_point() or first.is_complex()) else None
@@ -191,10 +199,8 @@ class Recorder:
 
     def _record(self, loss: float, rows: int, tokens: int | None, seconds: float, now: float,
                 position: tuple[int, int, int] | None) -> None:
-        from meshwise import memory
-
         engine = self.engine
-        state = (memory.param_bytes(engine.model) + engine._grad_bytes + memory.optimizer_bytes(engine.optimizer)) / 2**20
+        state = sum(engine.state_bytes().values()) / 2**20
         mine = {"step": engine.steps, "step_s": seconds, "memory_mb": _memory_mb(engine.device), "state_mb": state}
         self._rank_file.write(json.dumps(mine) + "\n")
         if not self.main:
@@ -241,10 +247,39 @@ class Recorder:
         os.replace(final + ".tmp", final)
 
     def close(self) -> None:
+        if self._stdout is not None:
+            sys.stdout.flush()
+            sys.stdout, self._stdout = self._stdout, None
         for handle in (self._rank_file, self._metrics, self._board, self._bar):
             if handle is not None:
                 handle.close()
         self._rank_file = self._metrics = self._board = self._bar = None
+
+
+class _AboveBar:
+    """rank 0's stdout while a progress bar is drawn: whole lines, written above the bar."""
+
+    def __init__(self, stream: Any, bar: Any) -> None:
+        self._stream, self._bar, self._pending = stream, bar, ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        if "\n" in self._pending:
+            lines, _, self._pending = self._pending.rpartition("\n")
+            self._bar.clear()
+            self._stream.write(lines + "\n")
+            self._stream.flush()
+            self._bar.refresh()
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            self._stream.write(self._pending)
+            self._pending = ""
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _command() -> list[str] | None:
@@ -266,20 +301,29 @@ class RankStream:
     """A text stream that marks each line with the rank that wrote it: ``[rank 3] ...``."""
 
     def __init__(self, stream: Any, rank: int) -> None:
+        import threading
+
         self._stream, self._prefix, self._pending = stream, f"[rank {rank}] ", ""
+        self._at_start = True  # whether the next character begins a line (a flush may cut one)
+        self._lock = threading.Lock()
 
     def write(self, text: str) -> int:
-        lines = (self._pending + text).split("\n")
-        self._pending = lines.pop()
-        if lines:
-            self._stream.write("".join(f"{self._prefix}{line}\n" for line in lines))
+        with self._lock:
+            lines = (self._pending + text).split("\n")
+            self._pending = lines.pop()
+            if lines:
+                out = [f"{'' if i == 0 and not self._at_start else self._prefix}{line}\n" for i, line in enumerate(lines)]
+                self._stream.write("".join(out))
+                self._stream.flush()  # whole lines at once, so ranks' lines do not interleave
+                self._at_start = True
         return len(text)
 
     def flush(self) -> None:
-        if self._pending:
-            self._stream.write(self._prefix + self._pending)
-            self._pending = ""
-        self._stream.flush()
+        with self._lock:
+            if self._pending:
+                self._stream.write((self._prefix if self._at_start else "") + self._pending)
+                self._pending, self._at_start = "", False
+            self._stream.flush()
 
     def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, ...
         return getattr(self._stream, name)

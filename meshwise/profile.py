@@ -309,7 +309,8 @@ def torch_threads(n: int) -> Iterator[None]:
 
 def rank_processes(profile: Callable[[int], cost.Workload], hardware: Callable[[int], cost.Hardware],
                    choices: list[tuple[int, int]], batch: int, *, budget: float | None = None,
-                   fixed: dict[str, Any] | None = None) -> tuple[list[cost.Estimate], dict[int, cost.Workload]]:
+                   fixed: dict[str, Any] | None = None, show: bool = True
+                   ) -> tuple[list[cost.Estimate], dict[int, cost.Workload]]:
     """Every plan for each (processes, threads per process) choice, ranked together.
 
     ``profile(threads)`` is measured once per distinct thread count, with torch on that
@@ -322,7 +323,7 @@ def rank_processes(profile: Callable[[int], cost.Workload], hardware: Callable[[
     out: list[cost.Estimate] = []
     mismatch = None
     fixed = dict(fixed or {})
-    bar = Progress(len({t for _, t in choices}), enabled=not quiet(), desc="profiling")
+    bar = Progress(len({t for _, t in choices}), enabled=show and not quiet(), desc="profiling")
     for processes, threads in choices:
         if threads not in profiles:
             with torch_threads(threads):
@@ -352,6 +353,7 @@ def _profile_together(measure: Callable[[], cost.Workload], thread_counts: list[
     rank = dist.get_rank()
     profiles: dict[int, cost.Workload] = {}
     failure: BaseException | None = None
+    bar = Progress(len(thread_counts), enabled=rank == 0 and not quiet(), desc="profiling")
     for threads in thread_counts:
         together = min(world, max(1, cores() // threads)) if device.type == "cpu" and threads else 1
         dist.barrier()
@@ -361,6 +363,8 @@ def _profile_together(measure: Callable[[], cost.Workload], thread_counts: list[
                     profiles[threads] = measure()
             except Exception as error:  # rank 0's reaches every rank through the plan's broadcast
                 failure = error
+        bar.update()
+    bar.close()
     return (profiles, failure) if rank == 0 else ({}, None)
 
 
@@ -391,7 +395,7 @@ def rank_job(model: torch.nn.Module, sample: Any, device: torch.device, batch: i
             raise failure
         results, _ = rank_processes(lambda threads: measured[threads],
                                     lambda p: local_hardware(device, p, latency, bandwidth, links), choices, batch,
-                                    fixed={"precision": "fp32"})
+                                    fixed={"precision": "fp32"}, show=False)  # measured: _profile_together's bar
         return results, measured[now], local_hardware(device, world, latency, bandwidth, links)
 
     return ranking

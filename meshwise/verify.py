@@ -21,10 +21,12 @@ The script must call ``parallelize`` once; the plan it passes is replaced by eac
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,11 +55,11 @@ WHY = {
 class Probe:
     """Worker side: records each step into the verify directory and stops the script."""
 
-    made = False
-    """Whether this process has a probe: only the script's first engine is compared."""
+    claimed: Probe | None = None
+    """The probe of the first engine that steps: the one compared (helpers that only
+    predict are left alone)."""
 
     def __init__(self, engine: Any, spec: str) -> None:
-        Probe.made = True
         directory, _, steps = spec.rpartition(":")
         self.engine, self.dir, self.steps = engine, directory, int(steps)
         os.makedirs(directory, exist_ok=True)
@@ -65,17 +67,19 @@ class Probe:
         self.rows: list[int] = []
         self.states: dict[str, dict[str, torch.Tensor] | None] = {}
         self.rng: dict[str, Any] = {}
-        if engine.is_main:
-            import atexit
-
-            atexit.register(self._write)  # also when the script ends before --steps
 
     def wrap(self, step: Any) -> Any:
-        from meshwise import data
-
         def probed(batch: Any) -> float:
+            if Probe.claimed is None:
+                Probe.claimed = self
+                if self.engine.is_main:
+                    import atexit
+
+                    atexit.register(self._write)  # also when the script ends before --steps
+            if Probe.claimed is not self:
+                return step(batch)
             engine = self.engine
-            first = engine.steps == 0
+            first = not self.losses
             if first:
                 self.states["initial"] = engine.full_state_dict()
                 before = _rng_digest()
@@ -85,7 +89,7 @@ class Probe:
                 with open(os.path.join(self.dir, f"rank-{engine.rank}.json"), "w") as f:
                     json.dump(self.rng, f)
             self.losses.append(loss)
-            self.rows.append(data.global_size(batch) or data.batch_size_of(batch) * engine.dp_size)
+            self.rows.append(engine.last_rows)
             state = engine.full_state_dict()
             if first:
                 self.states["first"] = state
@@ -150,6 +154,9 @@ def _launch(script: list[str], plan: str, nproc: int, steps: int, directory: str
 
     os.makedirs(directory, exist_ok=True)
     env = {**os.environ, VERIFY_ENV: f"{directory}:{steps}", "PYTHONHASHSEED": "0", QUIET_ENV: "1"}
+    for name in ("steps.json", "initial.safetensors", "first.safetensors", "final.safetensors"):
+        with contextlib.suppress(FileNotFoundError):  # a --keep directory used before
+            os.remove(os.path.join(directory, name))
     if nproc == 1:  # the reference: the script as a plain process, as `python SCRIPT` runs it
         command = [sys.executable, "-m", "meshwise.worker", *script]
         env.update({PLAN_ENV: plan, **({DEVICE_ENV: device} if device else {})})
@@ -164,30 +171,44 @@ def verify(script: list[str], plan: str, *, nproc: int, steps: int, tolerance: f
            device: str | None = None, keep: str | None = None) -> tuple[bool, str]:
     """Run ``script`` alone and under ``plan``; (passed, the report to print)."""
     work = keep or tempfile.mkdtemp(prefix="meshwise-verify-")
-    runs, started = [], []
-    # on CPUs both at once (they share no state); on GPUs one after the other, or both would use GPU 0
-    together = device == "cpu" or not torch.cuda.is_available()
-    for label, p, n in (("1 process", "dp=1", 1), (plan, plan, nproc)):
-        directory = os.path.join(work, "single" if n == 1 else "parallel")
-        if started and not together:
-            started[-1][-1].wait()
-        started.append((label, p, directory, _launch(script, p, n, steps, directory, device, directory + ".log")))
-    for label, p, directory, process in started:
-        try:
+    # both runs on the same kind of device: the parallel run's (one GPU per process, else the CPU)
+    device = device or ("cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= nproc else "cpu")
+    reference = _reference(plan)
+    started: list[tuple[str, str, str, subprocess.Popen]] = []
+    try:
+        for label, p, n in (("1 process", reference, 1), (plan, plan, nproc)):
+            directory = os.path.join(work, "single" if n == 1 else "parallel")
+            if started and device != "cpu" and started[-1][-1].wait() != 0:  # GPUs: one run at a time
+                break
+            started.append((label, p, directory, _launch(script, p, n, steps, directory, device, directory + ".log")))
+        runs = []
+        for label, p, directory, process in started:
             code = process.wait()
-        except BaseException:  # Ctrl-C: stop both runs, leave nothing behind
-            for *_, other in started:
-                other.kill()
-            raise
-        log = directory + ".log"
-        if code != 0 or not os.path.exists(os.path.join(directory, "steps.json")):
-            with open(log) as f:
-                tail = "".join(f.readlines()[-25:])
-            why = (f"exit code {code}" if code != 0 else
-                   "it never called meshwise.parallelize, or ran no step (verify compares the steps of an engine)")
-            return False, f"meshwise verify: the run with plan {p} failed ({why}); its output ends:\n{tail}"
-        runs.append(_load(directory, label))
-    return compare(runs[0], runs[1], steps, tolerance)
+            if code != 0 or not os.path.exists(os.path.join(directory, "steps.json")):
+                with open(directory + ".log") as f:
+                    tail = "".join(f.readlines()[-25:])
+                why = (f"exit code {code}" if code != 0 else
+                       "it never called meshwise.parallelize, or ran no step (verify compares the steps of an engine)")
+                return False, f"meshwise verify: the run with plan {p} failed ({why}); its output ends:\n{tail}"
+            runs.append(_load(directory, label))
+        return compare(runs[0], runs[1], steps, tolerance)
+    finally:  # a failure, Ctrl-C: stop what still runs, leave nothing behind
+        for *_, process in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        if keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _reference(plan: str) -> str:
+    """The one-process plan to compare with: dp=1, with the plan's precision and recomputation."""
+    from meshwise.plan import Plan
+
+    if plan == "auto":
+        return "dp=1"
+    parsed = Plan.parse(plan)
+    return str(Plan(precision=parsed.precision, checkpointing=parsed.checkpointing))
 
 
 def compare(single: Run, parallel: Run, steps: int, tolerance: float | None = None) -> tuple[bool, str]:
@@ -249,14 +270,20 @@ def diagnose(single: Run, parallel: Run, tol: float) -> list[str]:
             (" The ranks' random generators also began step 1 in different states: the script seeds by rank "
              "(e.g. torch.manual_seed(rank)); seed every rank alike." if apart else "") +
             " To verify the plan itself, set dropout to 0 for the check.")
-    first = _update_scale(single.states, parallel.states)
-    if first is not None and not draws and abs(first - 1) > 10 * tol:
-        ratio = parallel.losses[0] / single.losses[0] if single.losses and parallel.losses and single.losses[0] else 0
-        also = f", and so is the step-1 loss ({ratio:.3g}x)" if abs(ratio - first) < 0.01 * abs(first) else ""
+    same_start = _worst(single.states.get("initial", {}), parallel.states.get("initial", {}))[1] == 0
+    update = _update_scale(single.states, parallel.states)
+    ratio = (parallel.losses[0] / single.losses[0]
+             if single.losses and parallel.losses and single.losses[0] and same_start else 1.0)
+    scaled = [f"the first update is {update:.3g}x the single-process one for every parameter"
+              if update is not None and abs(update - 1) > 0.1 else "",
+              f"the step-1 loss is {ratio:.3g}x the single-process one from the same weights and rows"
+              if abs(ratio - 1) > 0.1 and single.rows[:1] == parallel.rows[:1] else ""]
+    if any(scaled) and not draws:
         causes.append(
-            f"the first update is {first:.3g}x the single-process one for every parameter{also}: the loss sums "
-            f"over rows instead of averaging them (reduction='sum'), so splitting the batch scales it. meshwise "
-            f"weights each share as a mean: use reduction='mean', or divide the sum by the rows of the batch.")
+            f"{' and '.join(s for s in scaled if s)}: the loss sums over rows instead of averaging them "
+            f"(reduction='sum'), so splitting the batch scales it (Adam's update hardly shows it; the loss "
+            f"does). meshwise weights each share as a mean: use reduction='mean', or divide the sum by the "
+            f"rows of the batch.")
     if (not causes and single.losses and parallel.losses
             and abs(single.losses[0] - parallel.losses[0]) > tol * max(1.0, abs(single.losses[0]))):
         _, start = _worst(single.states.get("initial", {}), parallel.states.get("initial", {}))

@@ -9,10 +9,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The CPU/gloo tiers run on the CPU even where GPUs exist; tests/test_gpu.py asks for CUDA.
 os.environ.setdefault("MESHWISE_DEVICE", "cpu")
 # meshwise run records every run under runs/ by default: the tests' go to a scratch directory
-os.environ.setdefault("MESHWISE_RUNS", os.path.join(tempfile.gettempdir(), f"meshwise-test-runs-{os.getpid()}"))
+_RUNS = tempfile.mkdtemp(prefix="meshwise-test-runs-")
+os.environ["MESHWISE_RUNS"] = _RUNS
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:  # noqa: ARG001
     import shutil
 
-    shutil.rmtree(os.environ["MESHWISE_RUNS"], ignore_errors=True)
+    shutil.rmtree(_RUNS, ignore_errors=True)  # made above, for this session only

@@ -99,7 +99,7 @@ def _wait(procs: list[Any], tmp: str, deadline: float) -> None:
             trace = _read(os.path.join(tmp, f"error-{rank}.txt")) or (
                 f"exit code {procs[rank].exitcode}, no traceback; native crash stack, if any:\n"
                 f"{_read(os.path.join(tmp, f'stack-{rank}.txt'))}")
-            raise RankFailed(f"rank {rank} of {len(procs)} failed:\n{trace}")
+            raise RankFailed(f"rank {rank} of {len(procs)} failed:\n{trace}{_output(tmp, rank)}")
         if all(p.exitcode == 0 for p in procs):
             return
         time.sleep(0.02)
@@ -107,7 +107,7 @@ def _wait(procs: list[Any], tmp: str, deadline: float) -> None:
     for r in hung:
         os.kill(procs[r].pid, signal.SIGUSR1)
     time.sleep(0.5)
-    stacks = "\n".join(f"--- rank {r} ---\n{_read(os.path.join(tmp, f'stack-{r}.txt'))}" for r in hung)
+    stacks = "\n".join(f"--- rank {r} ---\n{_read(os.path.join(tmp, f'stack-{r}.txt'))}{_output(tmp, r)}" for r in hung)
     for p in procs:
         p.kill()
     raise RankHung(f"rank(s) {hung} of {len(procs)} still running after the {deadline:.0f} s deadline; "
@@ -117,6 +117,11 @@ def _wait(procs: list[Any], tmp: str, deadline: float) -> None:
 def _rank_main(fn: Callable[..., Any], args: tuple[Any, ...], env: dict[str, str], tmp: str) -> None:
     os.environ.update(env)
     rank = env["RANK"]
+    # a forked rank inherits the forkserver's stdout and stderr, not this test's: its output
+    # goes to a file of its own, shown when the test fails
+    out = os.open(os.path.join(tmp, f"out-{rank}.txt"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
     stack_file = open(os.path.join(tmp, f"stack-{rank}.txt"), "w")
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
     faulthandler.enable(file=stack_file, all_threads=True)  # native crashes too
@@ -137,6 +142,11 @@ def _rank_main(fn: Callable[..., Any], args: tuple[Any, ...], env: dict[str, str
         dist.destroy_process_group()
     stack_file.close()
     os._exit(0)  # skip the interpreter's teardown of torch's C++ state (see meshwise.worker._leave)
+
+
+def _output(tmp: str, rank: int, lines: int = 30) -> str:
+    text = _read(os.path.join(tmp, f"out-{rank}.txt")).rstrip().splitlines()[-lines:]
+    return f"\n--- rank {rank}'s last output ---\n" + "\n".join(text) if text else ""
 
 
 def _load(path: str) -> Any:

@@ -7,6 +7,7 @@ of 8: the sixth step has 5 rows) and plants one mistake per mode.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -19,8 +20,16 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "verify_target.py")
 
 
 def _verify(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "meshwise.cli", "verify", SCRIPT, *args], capture_output=True,
-                          text=True, timeout=120, start_new_session=True)
+    """verify under a deadline that stops it and both of its runs, every process of them."""
+    command = [sys.executable, "-m", "meshwise.cli", "verify", SCRIPT, *args]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"meshwise verify still running after 120 s (killed):\n{err[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 @pytest.mark.parametrize(("mode", "code", "words"), [
@@ -55,9 +64,18 @@ def test_verify_refuses_bad_input(capsys) -> None:
         assert done.value.code == 2 and words in capsys.readouterr().err, args
 
 
-def _run(losses: list[float], precision: str = "fp32", shift: float = 0.0) -> mv.Run:
-    state = {"w": torch.ones(3) + shift}
-    return mv.Run("dp=2", losses, [8] * len(losses), precision, {"final": state}, [])
+def _run(losses: list[float], precision: str = "fp32", shift: float = 0.0, first: float | None = None) -> mv.Run:
+    states = {"final": {"w": torch.ones(3) + shift}}
+    if first is not None:
+        states.update(initial={"w": torch.ones(3)}, first={"w": torch.ones(3) + first})
+    return mv.Run("dp=2", losses, [8] * len(losses), precision, states, [])
+
+
+def test_a_summed_loss_is_named_under_adam_too() -> None:
+    # Adam's first update hardly changes when the loss is scaled; the step-1 loss does
+    failed, text = mv.compare(_run([9.2, 8.0], first=-0.01), _run([4.6, 4.0], first=-0.01, shift=1e-3), 2)
+    assert not failed and "the step-1 loss is 0.5x the single-process one from the same weights" in " ".join(
+        text.split())
 
 
 def test_the_tolerance_follows_the_precision() -> None:
