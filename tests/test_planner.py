@@ -293,13 +293,21 @@ def test_plan_auto_agrees_on_one_plan_and_trains_exactly() -> None:
     assert results[0]["diff"] <= 1e-5, results[0]
 
 
-def test_meshwise_run_plan_auto_prints_its_choice_and_the_measured_step() -> None:
+def test_meshwise_run_plan_auto_prints_its_choice_and_the_measured_step(tmp_path) -> None:
     out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "meshwise"), "run", "--nproc", "2", "--plan",
-                          "auto", "examples/quickstart.py"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+                          "auto", "--run-dir", str(tmp_path), "examples/quickstart.py"], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "meshwise: --plan auto: profiled 3 layers of Sequential" in out.stdout
     assert "meshwise: chose " in out.stdout and "measured step" in out.stdout and "predicted" in out.stdout
     assert float(out.stdout.rsplit("training accuracy ", 1)[1].split()[0]) > 0.9
+    # the run directory keeps the prediction, for the report's predicted-against-measured
+    facts = json.loads((tmp_path / "run.json").read_text())
+    chosen = out.stdout.split("meshwise: chose ", 1)[1].split(":", 1)[0]
+    planned = int(out.stdout.split("planned for a global batch of ", 1)[1].split()[0])
+    assert facts["plan"] == chosen and facts["predicted"]["batch"] == planned
+    assert facts["predicted"]["step_s"] * 1e3 == pytest.approx(float(out.stdout.split("predicted step ", 1)[1].split()[0]),
+                                                               abs=0.05)
 
 
 def test_plan_script_profiles_the_scripts_model_and_stops_before_training(tmp_path) -> None:
