@@ -94,7 +94,7 @@ def parallelize(
 
         answer_search(model, sample, ctx.device, loss_fn, optimizer, json.loads(os.environ["MESHWISE_SEARCH"]))
     spec = plan if plan is not None else os.environ.get(mwdist.PLAN_ENV) or None
-    verifying = os.environ.get(VERIFY_ENV)
+    verifying = os.environ.get(observe.VERIFY_ENV)
     if verifying:  # meshwise verify: each of its runs sets the plan, whatever the script passes
         spec = os.environ.get(mwdist.PLAN_ENV) or None
     predicted = None
@@ -146,9 +146,6 @@ def parallelize(
     engine._guard(mwdist.collective_timeout(timeout))
     return engine
 
-
-VERIFY_ENV = "MESHWISE_VERIFY"
-"""Set by ``meshwise verify`` for its runs (see meshwise.verify)."""
 
 RESUME_ENV = "MESHWISE_RESUME"
 """Set to 1 by ``meshwise run --resume``: ``parallelize`` loads the latest checkpoint."""

@@ -104,6 +104,8 @@ QUIET_ENV, VERBOSE_ENV = "MESHWISE_QUIET", "MESHWISE_VERBOSE"
 """Set to 1 by ``--quiet`` (no progress bars, no meshwise notes) and ``--verbose``."""
 TENSORBOARD_ENV = "MESHWISE_TENSORBOARD"
 """Set to 1 by ``--tensorboard``: metrics also go to RUN_DIR/tensorboard as event files."""
+VERIFY_ENV = "MESHWISE_VERIFY"
+"""``DIR:STEPS``, set by ``meshwise verify`` for its runs: record into DIR, stop after STEPS steps."""
 PROGRESS_ENV = "MESHWISE_PROGRESS"
 """Set to 1 by ``meshwise run``: rank 0 shows a bar of training steps (demos have their own)."""
 

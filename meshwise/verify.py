@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from meshwise.engine import VERIFY_ENV  # DIR:STEPS: record into DIR, stop after STEPS steps
+from meshwise.observe import VERIFY_ENV
 
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}
 SHOWN = 20

@@ -15,7 +15,7 @@ import sys
 import threading
 
 from meshwise.launch import ERROR_FILE_ENV, die_with_parent, leave_group, record_failure
-from meshwise.observe import mark_ranks
+from meshwise.observe import VERIFY_ENV, mark_ranks
 
 
 def _ours(filename: str) -> bool:
@@ -34,6 +34,15 @@ def main(argv: list[str]) -> int:
     sys.argv = [target, *args]
     die_with_parent()
     mark_ranks()
+    if os.environ.get(VERIFY_ENV):  # meshwise verify: both runs start from the same seeds, seeded or not
+        import random
+
+        import numpy
+        import torch
+
+        random.seed(0)
+        numpy.random.seed(0)
+        torch.manual_seed(0)
     try:
         if as_module:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
