@@ -347,7 +347,7 @@ def _memory_section(run: Run, charts: dict[str, str]) -> str:
     if "memory" not in charts:
         return _missing("Memory", "no rank-R.jsonl and no memory_mb in metrics.jsonl; every rank writes its "
                                   "rank-R.jsonl on each step")
-    return ("<p>Peaks over the run. Memory: resident memory (CPU) or peak allocated CUDA memory in a step; state: the "
+    return ("<p>Peaks over the run. Memory: resident memory (CPU) or peak allocated CUDA memory (GPU); state: the "
             "parameters, gradients and optimizer state the rank holds.</p>"
             + ("" if run.ranks else "<p>No rank-R.jsonl files: rank 0's metrics only.</p>")
             + _img(charts, "memory", "memory"))
