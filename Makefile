@@ -38,6 +38,7 @@ bench: $(VENV)/.test
 	$(BIN)/python bench/zero.py
 	$(BIN)/python bench/tp.py
 	$(BIN)/python bench/planner.py
+	$(BIN)/python bench/record.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

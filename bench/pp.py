@@ -85,7 +85,6 @@ def _hand_split(model: torch.nn.Module, microbatches: int):
 
 
 def _worker(batch: int, microbatches: int, rounds: int, steps: int) -> dict:
-    from meshwise.trace import bubble
 
     out: dict = {}
     x, y = data(batch * 4)

@@ -139,15 +139,27 @@ def host_facts() -> dict[str, Any]:
             "threads_per_process": torch.get_num_threads(), "gpus": gpus}
 
 
+_statm: int | None = None
+
+
 def _memory_mb(device: Any) -> float:
     """Peak CUDA memory allocated so far (GPU; the user's own peak statistics are left
     alone), else this process's resident memory now."""
     import torch
 
+    global _statm
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    if _statm is None:
+        _statm = os.open("/proc/self/statm", os.O_RDONLY)  # kept open: read every step
+    return int(os.pread(_statm, 128, 0).split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+FLUSH_S = 1.0
+"""Seconds between writes of the recorded lines to disk (and at exit)."""
+STATE_STEPS, STATE_EVERY = 3, 100
+"""Model state is measured at the first steps (the optimizer makes its state there), then
+every 100 steps: walking every tensor each step costs as much as a small model's step."""
 
 
 class Recorder:
@@ -164,12 +176,13 @@ class Recorder:
         self.engine, self.path = engine, os.path.abspath(path)
         self.main = engine.is_main
         self.start = time.perf_counter()
+        self._state, self._flushed = 0.0, 0.0
         os.makedirs(self.path, exist_ok=True)
-        self._rank_file = open(os.path.join(self.path, f"rank-{engine.rank}.jsonl"), "a", buffering=1)
+        self._rank_file = open(os.path.join(self.path, f"rank-{engine.rank}.jsonl"), "a")  # noqa: SIM115
         self._metrics = self._board = self._bar = self._stdout = None
         if self.main:
             self._write_json("run.json", self._facts(predicted))
-            self._metrics = open(os.path.join(self.path, "metrics.jsonl"), "a", buffering=1)
+            self._metrics = open(os.path.join(self.path, "metrics.jsonl"), "a")  # noqa: SIM115
             if tensorboard:
                 self._board = _tensorboard(os.path.join(self.path, "tensorboard"))
             if progress and not quiet():
@@ -202,9 +215,16 @@ class Recorder:
     def _record(self, loss: float, rows: int, tokens: int | None, seconds: float, now: float,
                 position: tuple[int, int, int] | None) -> None:
         engine = self.engine
-        state = sum(engine.state_bytes().values()) / 2**20
+        if engine.steps <= STATE_STEPS or engine.steps % STATE_EVERY == 0:  # settled once the optimizer has state
+            self._state = sum(engine.state_bytes().values()) / 2**20
+        state = self._state
         mine = {"step": engine.steps, "step_s": seconds, "memory_mb": _memory_mb(engine.device), "state_mb": state}
         self._rank_file.write(json.dumps(mine) + "\n")
+        if now - self._flushed >= FLUSH_S:  # whole lines, at most a second behind: a live run can be read
+            self._flushed = now
+            self._rank_file.flush()
+            if self._metrics is not None:
+                self._metrics.flush()
         if not self.main:
             return
         record = {"step": engine.steps, "time_s": now - self.start, "loss": loss, "rows": rows, "tokens": tokens,

@@ -1,7 +1,7 @@
 """One run as one offline HTML page: ``meshwise report RUN_DIR [--out FILE]``.
 
-Reads what a run left in its directory (docs/report.md: ``run.json``, ``metrics.jsonl``,
-``rank-R.jsonl``, ``trace.json`` and ``trace.png``) and writes
+Reads what a run left in its directory with ``meshwise.rundir`` (docs/report.md: ``run.json``,
+``metrics.jsonl``, ``rank-R.jsonl``, ``trace.json`` and ``trace.png``) and writes
 
 * ``OUT`` (default ``RUN_DIR/report.html``): a page that needs no network. Its CSS and
   one small script are inline, the charts are ``data:`` URIs, the mesh is an inline SVG,
@@ -22,36 +22,21 @@ from __future__ import annotations
 
 import base64
 import collections
-import glob
 import html
 import json
 import os
-import re
 import shlex
 import shutil
 import statistics
-from dataclasses import dataclass
 from typing import Any
 
-WARMUP = 5  # steps left out of measured medians (engine.AUTO_WARMUP_STEPS)
+from meshwise import rundir
+from meshwise.rundir import HOW, Record, Run, load  # report.load still works (re-exported)
+from meshwise.rundir import WARMUP as WARMUP  # and so does report.WARMUP
+
 MAX_REPLICAS = 8  # dp rows drawn in the mesh diagram; the others repeat the layout
-HOW = "run `meshwise run ...` or `meshwise demo`, which write runs/NAME-TIMESTAMP-XXXX/ (docs/report.md)"
-PARTS = {"compute_s": "compute", "communication_s": "communication", "bubble_s": "bubble", "optimizer_s": "optimizer"}
 COLOURS = {"compute": "#4C72B0", "communication": "#DD8452", "bubble": "#B0B0B0", "optimizer": "#55A868",
            "compute + communication + optimizer": "#8FAADC", "step (not broken down)": "#8FAADC"}
-Record = dict[str, Any]
-
-
-@dataclass
-class Run:
-    """What a run directory holds; a file that is absent reads as empty."""
-
-    path: str
-    info: Record  # run.json
-    steps: list[Record]  # metrics.jsonl, rank 0
-    ranks: dict[int, list[Record]]  # rank-R.jsonl by R
-    trace: Record  # trace.json
-    trace_png: str | None
 
 
 def write(run_dir: str, out: str | None = None) -> str:
@@ -65,111 +50,6 @@ def write(run_dir: str, out: str | None = None) -> str:
         f.write(_page(run, charts))
     os.replace(out + ".tmp", out)
     return out
-
-
-def load(run_dir: str) -> Run:
-    """Read a run directory; ValueError if it is none, or if a file in it is malformed."""
-    path = os.path.abspath(run_dir)
-    names = ("run.json", "metrics.jsonl", "trace.json", "trace.png")
-    here = {name: os.path.join(path, name) for name in names if os.path.isfile(os.path.join(path, name))}
-    if "run.json" not in here and "metrics.jsonl" not in here:
-        why = ("it has no metrics.jsonl and no run.json" if os.path.isdir(path)
-               else "it is not a directory" if os.path.exists(path) else "it does not exist")
-        raise ValueError(f"{run_dir} is not a run directory: {why}; to get one, {HOW}")
-    ranks = {}
-    for name in glob.glob(os.path.join(path, "rank-*.jsonl")):
-        if match := re.fullmatch(r"rank-(\d+)\.jsonl", os.path.basename(name)):
-            ranks[int(match.group(1))] = _read_jsonl(name)
-    return Run(path, _read_json(here["run.json"]) if "run.json" in here else {},
-               _read_jsonl(here["metrics.jsonl"]) if "metrics.jsonl" in here else [], dict(sorted(ranks.items())),
-               _read_json(here["trace.json"]) if "trace.json" in here else {}, here.get("trace.png"))
-
-
-def _read_json(path: str) -> Record:
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); rerun, or delete the file to report without it") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object; delete it to report without it")
-    return value
-
-
-def _read_jsonl(path: str) -> list[Record]:
-    """One JSON object a line. An unterminated last line (a run still writing it) is ignored."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")[:-1]  # what follows the last newline is unfinished, or empty
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}, line {number} is not a JSON object: {line[:80]!r}; each line is one "
-                             "step's record: fix or delete that line")
-        records.append(record)
-    return records
-
-
-def _series(records: list[Record], key: str) -> tuple[list[Any], list[float]]:
-    """(steps, values) of the records that have a number at ``key``."""
-    kept = [r for r in records if isinstance(r.get(key), (int, float))]
-    return [r.get("step") for r in kept], [float(r[key]) for r in kept]
-
-
-def _steady(steps: list[Record]) -> list[Record]:
-    """The steps medians use: after the first WARMUP, or after the first, or all there are."""
-    return steps[WARMUP:] if len(steps) > WARMUP else steps[1:] or steps
-
-
-def _median(records: list[Record], key: str) -> float | None:
-    values = _series(records, key)[1]
-    return statistics.median(values) if values else None
-
-
-def _span_text(records: list[Record]) -> str:
-    first, last = (records[0].get("step"), records[-1].get("step")) if records else (None, None)
-    return "no steps" if not records else f"step {first}" if first == last else f"steps {first} to {last}"
-
-
-def _bubble_ms(run: Run) -> float | None:
-    """A pipeline rank's idle ms a step: the measured bubble fraction x the pipeline's mean span
-    over the traced steps after the first (the steps meshwise.trace measures)."""
-    measured = ((run.trace.get("meshwise") or {}).get("bubble") or {}).get("measured")
-    spans: dict[tuple[Any, Any], list[tuple[float, float]]] = collections.defaultdict(list)
-    for e in run.trace.get("traceEvents", []):
-        if e.get("ph") == "X":
-            spans[(e.get("args", {}).get("step"), e.get("pid"))].append((e["ts"], e["ts"] + e["dur"]))
-    steps = sorted({step for step, _ in spans if step is not None})
-    counted = [v for (step, _), v in spans.items() if step in steps[1:]] or list(spans.values())
-    if not isinstance(measured, (int, float)) or measured != measured or not counted:
-        return None
-    return measured * statistics.mean(max(t1 for _, t1 in v) - min(t0 for t0, _ in v) for v in counted) / 1e3
-
-
-def _breakdown(run: Run) -> dict[str, dict[str, float]]:
-    """The step-time bars in ms: 'predicted' by part; 'measured' as its bubble and the rest."""
-    predicted, bars = run.info.get("predicted") or {}, {}
-    parts = {name: predicted[key] * 1e3 for key, name in PARTS.items() if isinstance(predicted.get(key), (int, float))}
-    if parts:
-        bars["predicted"] = parts
-    if (median := _median(_steady(run.steps), "step_s")) is not None:
-        bubble = _bubble_ms(run)
-        bars["measured"] = ({"bubble": bubble, "compute + communication + optimizer": max(0.0, median * 1e3 - bubble)}
-                            if bubble is not None else {"step (not broken down)": median * 1e3})
-    return bars
-
-
-def _memory(run: Run) -> dict[int, tuple[float, float]]:
-    """Per rank: (peak memory_mb, peak state_mb); rank 0's metrics when no rank-R.jsonl was written."""
-    ranks = run.ranks or ({0: run.steps} if run.steps else {})
-    peaks = {r: tuple(max(_series(records, key)[1], default=None) for key in ("memory_mb", "state_mb"))
-             for r, records in ranks.items()}
-    return {r: (memory or 0.0, state or 0.0) for r, (memory, state) in peaks.items() if (memory, state) != (None, None)}
 
 
 def _charts(run: Run, stem: str) -> dict[str, str]:
@@ -207,7 +87,7 @@ def _save(fig: Any, path: str) -> bool:
 
 
 def _draw_loss(run: Run, path: str) -> bool:
-    steps, losses = _series(run.steps, "loss")
+    steps, losses = rundir.series(run.steps, "loss")
     if not steps:
         return False
     fig, (ax,) = _figure()
@@ -217,7 +97,7 @@ def _draw_loss(run: Run, path: str) -> bool:
 
 
 def _draw_throughput(run: Run, path: str) -> bool:
-    keys = [key for key in ("samples_per_s", "tokens_per_s") if _series(run.steps, key)[0]]
+    keys = [key for key in ("samples_per_s", "tokens_per_s") if rundir.series(run.steps, key)[0]]
     if not keys:
         return False
     fig, axes = _figure(len(keys), height=2.6)
@@ -237,7 +117,7 @@ def _draw_throughput(run: Run, path: str) -> bool:
 
 
 def _draw_breakdown(run: Run, path: str) -> bool:
-    bars = _breakdown(run)
+    bars = rundir.breakdown(run)
     if not bars:
         return False
     fig, (ax,) = _figure(height=0.9 * len(bars) + 1.4)
@@ -261,7 +141,7 @@ def _draw_breakdown(run: Run, path: str) -> bool:
 
 
 def _draw_memory(run: Run, path: str) -> bool:
-    peaks = _memory(run)
+    peaks = rundir.memory_per_rank(run)
     if not peaks:
         return False
     fig, axes = _figure(columns=2, height=3.0)
@@ -295,6 +175,11 @@ def _num(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
+def _span_text(records: list[Record]) -> str:
+    first, last = (records[0].get("step"), records[-1].get("step")) if records else (None, None)
+    return "no steps" if not records else f"step {first}" if first == last else f"steps {first} to {last}"
+
+
 def _header(run: Run) -> str:
     info, host = run.info, run.info.get("host") or {}
     gpus, command = host.get("gpus"), info.get("command")
@@ -313,18 +198,18 @@ def _header(run: Run) -> str:
                                      "write it when the engine is made")
     if not run.steps:
         return body + _missing("metrics.jsonl", f"no training step was logged; to get one, {HOW}")
-    steady, losses = _steady(run.steps), _series(run.steps, "loss")[1] or [None]
+    steady, losses = rundir.steady(run.steps), rundir.series(run.steps, "loss")[1] or [None]
     rows = [("first loss", _num(losses[0], 4)), ("last loss", _num(losses[-1], 4)),
-            (f"median samples/s ({_span_text(steady)})", _num(_median(steady, "samples_per_s")))]
-    if _series(steady, "tokens_per_s")[0]:
-        rows.append((f"median tokens/s ({_span_text(steady)})", _num(_median(steady, "tokens_per_s"), 0)))
+            (f"median samples/s ({_span_text(steady)})", _num(rundir.median(steady, "samples_per_s")))]
+    if rundir.series(steady, "tokens_per_s")[0]:
+        rows.append((f"median tokens/s ({_span_text(steady)})", _num(rundir.median(steady, "tokens_per_s"), 0)))
     return body + _table(rows)
 
 
 def _throughput(run: Run, charts: dict[str, str]) -> str:
     if "throughput" not in charts:
         return _missing("Throughput", "metrics.jsonl has no samples_per_s; rank 0 logs it on every step")
-    tokens = "" if _series(run.steps, "tokens_per_s")[0] else " Tokens/s were not recorded for this run."
+    tokens = "" if rundir.series(run.steps, "tokens_per_s")[0] else " Tokens/s were not recorded for this run."
     return (f"<p>The first step is warm-up (lazy initialisation, first allocations): it is marked apart and left out "
             f"of the smoothed line and of the medians.{tokens}</p>" + _img(charts, "throughput", "throughput"))
 
@@ -332,14 +217,14 @@ def _throughput(run: Run, charts: dict[str, str]) -> str:
 def _step_time(run: Run, charts: dict[str, str]) -> str:
     if "breakdown" not in charts:
         return _missing("Step time", "no step_s in metrics.jsonl and no prediction in run.json")
-    notes = [] if "predicted" in _breakdown(run) else [
+    notes = [] if "predicted" in rundir.breakdown(run) else [
         _missing("The predicted breakdown", "run.json holds one when the planner chose the plan (`--plan auto`)")]
     bubble = ("; its bubble is the trace's measured bubble fraction times the pipeline's span of a step"
-              if _bubble_ms(run) is not None else "")
+              if rundir.bubble_ms(run) is not None else "")
     if not bubble:
         notes.append(_missing("The measured bubble", "record the pipeline timeline with `--trace DIR` (copied into the run directory); of a "
                                                      "measured step, only the bubble is told apart"))
-    return (f"<p>Measured: the median step over {_span_text(_steady(run.steps))}{bubble}.</p>"
+    return (f"<p>Measured: the median step over {_span_text(rundir.steady(run.steps))}{bubble}.</p>"
             + _img(charts, "breakdown", "step time") + "".join(notes))
 
 
@@ -428,12 +313,12 @@ def _predicted(run: Run) -> str:
     predicted = run.info.get("predicted")
     if not isinstance(predicted, dict) or not isinstance(predicted.get("step_s"), (int, float)):
         return _missing("A prediction", "run.json holds one when the planner chose the plan (`--plan auto`)")
-    steady = _steady(run.steps)
-    measured = _median(steady, "step_s")
+    steady = rundir.steady(run.steps)
+    measured = rundir.median(steady, "step_s")
     error = f"{(measured / predicted['step_s'] - 1) * 100:+.0f} %" if measured else "n/a"
     rows = [("step time (ms)", _num(predicted["step_s"] * 1e3, 2), _num(measured and measured * 1e3, 2), error)]
     if isinstance(predicted.get("samples_per_s"), (int, float)):
-        rows.append(("samples/s", _num(predicted["samples_per_s"]), _num(_median(steady, "samples_per_s")), ""))
+        rows.append(("samples/s", _num(predicted["samples_per_s"]), _num(rundir.median(steady, "samples_per_s")), ""))
     batches = collections.Counter(s["rows"] for s in steady if s.get("rows") is not None).most_common(1)
     return (_table(rows, ("", "predicted", f"measured ({_span_text(steady)})", "error"))
             + (f"<p>Batch: {_e(predicted.get('batch'))} predicted, {_e(batches[0][0])} measured.</p>"

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from meshwise import report, trace
+from meshwise import report, rundir, trace
 
 CHROMIUM = "/usr/bin/chromium"
 STEPS, WORLD, MICROBATCHES = 30, 4, 4
@@ -133,7 +133,7 @@ def test_predicted_against_measured(full: tuple[str, str]) -> None:
     assert f"<td>38.00</td><td>{measured_ms:.2f}</td><td>{(measured_ms / 38 - 1) * 100:+.0f} %</td>" in table
     assert "steps 6 to 30" in table
     # trace.json: 20 % bubble (1 - 48 busy ms / (2 ranks x 30 ms span)) of a 30 ms pipeline span: 6 ms a step
-    assert report._bubble_ms(report.load(full[0])) == pytest.approx(6.0)
+    assert rundir.bubble_ms(report.load(full[0])) == pytest.approx(6.0)
 
 
 def test_mesh_of_an_interleaved_tensor_parallel_plan(tmp_path: Path) -> None:
