@@ -96,7 +96,6 @@ def main(argv: list[str] | None = None) -> dict:
         "final_loss": loss,
     }
     run.summary(**summary)
-    run.close()
     if engine.is_main:
         print(f"held-out accuracy {accuracy:.4f}   {seen / train_s:,.0f} samples/s   training {train_s:.1f} s")
         print(f"run directory: {run.path} (metrics.jsonl, summary.json); meshwise report {run.path} writes its report")

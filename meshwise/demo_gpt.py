@@ -123,7 +123,6 @@ def main(argv: list[str] | None = None) -> dict:
         print("sample:\n" + text)
         print(f"run directory: {run.path} (metrics.jsonl, summary.json); meshwise report {run.path} writes its report")
     run.summary(**summary)
-    run.close()
     return summary
 
 

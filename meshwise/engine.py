@@ -130,19 +130,7 @@ def parallelize(
                 observe.note(f"meshwise: resumed from {found} (step {meta['step']}, saved with plan {meta['plan']})")
     if predicted is not None:
         engine._watch(predicted)
-    run_dir = run_dir if run_dir is not None else os.environ.get(observe.RUN_DIR_ENV) or None
-    if run_dir and not verifying:
-        board = tensorboard if tensorboard is not None else os.environ.get(observe.TENSORBOARD_ENV) == "1"
-        engine.run_record = observe.Recorder(engine, run_dir, tensorboard=board,
-                                           progress=os.environ.get(observe.PROGRESS_ENV) == "1",
-                                           predicted=getattr(predicted, "facts", None))
-        engine.step = engine.run_record.wrap(engine.step)  # type: ignore[method-assign]
-    elif tensorboard and not verifying:
-        raise ValueError("tensorboard=True writes into the run directory: pass run_dir=DIR (meshwise run makes one)")
-    if verifying:
-        from meshwise.verify import Probe
-
-        engine.step = Probe(engine, verifying).wrap(engine.step)  # type: ignore[method-assign]
+    observe.instrument(engine, run_dir, tensorboard, getattr(predicted, "facts", None))
     engine._guard(mwdist.collective_timeout(timeout))
     return engine
 

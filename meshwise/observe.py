@@ -14,41 +14,28 @@ import uuid
 from typing import Any
 
 
-class RunDir:
-    """A run's directory: ``metrics.jsonl`` (one JSON object per line) and ``summary.json``.
+def write_json(path: str, value: Any) -> None:
+    """Write ``value`` as JSON to ``path`` whole: a temporary name, then a rename, so a
+    reader never sees half of it."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
 
-    Writes happen on rank 0 only (``enabled``); the summary is written to a temporary
-    name and renamed, so a reader never sees half of it.
-    """
+
+class RunDir:
+    """A demo's summary in its run directory (``summary.json``), written on rank 0 only
+    (``enabled``); the engine records the steps themselves (``Recorder``)."""
 
     def __init__(self, path: str, *, enabled: bool = True) -> None:
         self.path = os.path.abspath(path)
         self.enabled = enabled
-        self._metrics: Any = None
         if enabled:
             os.makedirs(self.path, exist_ok=True)
 
-    def log(self, **record: Any) -> None:
-        """Append one metrics record (a line of JSON)."""
-        if self.enabled:
-            if self._metrics is None:
-                self._metrics = open(os.path.join(self.path, "metrics.jsonl"), "a", buffering=1)
-            self._metrics.write(json.dumps(record) + "\n")
-
     def summary(self, **summary: Any) -> None:
-        """Write ``summary.json`` atomically."""
-        if not self.enabled:
-            return
-        final = os.path.join(self.path, "summary.json")
-        with open(final + ".tmp", "w") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
-        os.replace(final + ".tmp", final)
-
-    def close(self) -> None:
-        if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
+        if self.enabled:
+            write_json(os.path.join(self.path, "summary.json"), summary)
 
 
 RUNS_ENV = "MESHWISE_RUNS"
@@ -157,6 +144,26 @@ def _memory_mb(device: Any) -> float:
 
 FLUSH_S = 1.0
 """Seconds between writes of the recorded lines to disk (and at exit)."""
+def instrument(engine: Any, run_dir: str | None, tensorboard: bool | None, predicted: dict[str, Any] | None) -> None:
+    """Wrap ``engine.step`` to record the run into ``run_dir`` (default: the one ``meshwise
+    run`` made), or under ``meshwise verify`` to probe it instead (meshwise.verify)."""
+    verifying = os.environ.get(VERIFY_ENV)
+    if verifying:
+        from meshwise.verify import Probe
+
+        engine.step = Probe(engine, verifying).wrap(engine.step)
+        return
+    run_dir = run_dir if run_dir is not None else os.environ.get(RUN_DIR_ENV) or None
+    if not run_dir:
+        if tensorboard:
+            raise ValueError("tensorboard=True writes into the run directory: pass run_dir=DIR (meshwise run makes one)")
+        return
+    board = tensorboard if tensorboard is not None else os.environ.get(TENSORBOARD_ENV) == "1"
+    engine.run_record = Recorder(engine, run_dir, tensorboard=board, predicted=predicted,
+                                 progress=os.environ.get(PROGRESS_ENV) == "1")
+    engine.step = engine.run_record.wrap(engine.step)
+
+
 STATE_STEPS, STATE_EVERY = 3, 100
 """Model state is measured at the first steps (the optimizer makes its state there), then
 every 100 steps: walking every tensor each step costs as much as a small model's step."""
@@ -181,7 +188,7 @@ class Recorder:
         self._rank_file = open(os.path.join(self.path, f"rank-{engine.rank}.jsonl"), "a")  # noqa: SIM115
         self._metrics = self._board = self._bar = self._stdout = None
         if self.main:
-            self._write_json("run.json", self._facts(predicted))
+            write_json(os.path.join(self.path, "run.json"), self._facts(predicted))
             self._metrics = open(os.path.join(self.path, "metrics.jsonl"), "a")  # noqa: SIM115
             if tensorboard:
                 self._board = _tensorboard(os.path.join(self.path, "tensorboard"))
@@ -260,13 +267,6 @@ class Recorder:
                 "plan": str(plan), "world_size": engine.world_size, "mesh": plan.resolved().to_dict(),
                 "layout": "rank = (dp_rank * pp + pp_rank) * tp + tp_rank", "stages": stages, "tensor": tensor,
                 "host": {**host_facts(), "device": engine.device.type}, "predicted": predicted}
-
-    def _write_json(self, name: str, value: Any) -> None:
-        final = os.path.join(self.path, name)
-        with open(final + ".tmp", "w") as f:
-            json.dump(value, f, indent=2)
-            f.write("\n")
-        os.replace(final + ".tmp", final)
 
     def close(self) -> None:
         if self._stdout is not None:
