@@ -45,6 +45,7 @@ def save(engine: Any, root: str, *, keep: int = 3) -> str:
     """Write a checkpoint of ``engine`` under ``root`` (a collective); return its directory."""
     if type(keep) is not int or keep < 1:
         raise ValueError(f"keep={keep!r} is invalid: keep at least the last checkpoint (keep >= 1)")
+    schedule = _scheduler_state(engine.scheduler)  # checked before anything is written
     name = f"step-{engine.steps:08d}"
     partial = os.path.join(root, f".partial-{name}")
     final = os.path.join(root, name)
@@ -86,7 +87,7 @@ def save(engine: Any, root: str, *, keep: int = 3) -> str:
                 merged.setdefault(key, entry)  # a key two ranks hold (never, by construction) keeps the first
         meta = {"format": FORMAT, "step": engine.steps, "plan": str(engine.plan), "world_size": engine.world_size,
                 "position": list(engine.position) if engine.position else None, "saved_at": time.time(),
-                "optimizer": _hyperparameters(engine.optimizer), "tensors": merged}
+                "optimizer": _hyperparameters(engine.optimizer), "scheduler": schedule, "tensors": merged}
         _write(os.path.join(partial, "meta.json"), json.dumps(meta, indent=1))
         _write(os.path.join(partial, COMPLETE), "")
         _fsync(partial)
@@ -163,6 +164,7 @@ def load(engine: Any, path: str) -> dict[str, Any]:
     index = meta["tensors"]
     model = {f"model/{name}": value for name, value, _ in _named(engine)}
     values = _read(path, index, model, meta, problems)
+    problems += [p for p in [_scheduler_problem(engine, meta.get("scheduler"), path)] if p]
     _agree(problems, engine)
     made = _materialize(engine)  # the optimizer's state, to fill (a collective under zero=1)
     state = _state_targets(engine)
@@ -190,6 +192,7 @@ def load(engine: Any, path: str) -> dict[str, Any]:
     if own["rng-cuda"] in rng:
         torch.cuda.set_rng_state(values[own["rng-cuda"]], engine.device)
     _set_hyperparameters(engine.optimizer, meta.get("optimizer") or {})
+    _set_scheduler(engine, meta.get("scheduler"), path)
     engine.steps = int(meta["step"])
     engine.resume_position(meta.get("position"))
     dist.barrier()
@@ -434,6 +437,42 @@ def _set_hyperparameters(optimizer: Any, saved: dict[str, Any]) -> None:
     for i, group in enumerate(optimizer.param_groups):
         for key, value in (groups[i] if len(groups) == len(optimizer.param_groups) else groups[0]).items():
             group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
+
+
+def _scheduler_state(scheduler: Any) -> dict[str, Any] | None:
+    """The scheduler's class and ``state_dict()``, as JSON (nothing is pickled)."""
+    if scheduler is None:
+        return None
+    state = scheduler.state_dict()
+    try:
+        json.dumps(state)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"the state of scheduler {type(scheduler).__name__} cannot be saved as JSON ({error}); "
+                         f"checkpoints hold numbers, strings and lists of them, never pickles: use a scheduler "
+                         f"from torch.optim.lr_scheduler, whose state is plain numbers") from None
+    return {"class": type(scheduler).__name__, "groups": len(scheduler.optimizer.param_groups), "state": state}
+
+
+def _set_scheduler(engine: Any, saved: dict[str, Any] | None, path: str) -> None:
+    """Restore the scheduler's state; lists of one value per parameter group (``base_lrs``)
+    take the first group's for all when the groups differ in number (a pipeline's stages)."""
+    scheduler = engine.scheduler
+    if scheduler is None or saved is None:
+        if scheduler is not None and engine.is_main:
+            warnings.warn(f"checkpoint {path} holds no learning-rate scheduler state: {type(scheduler).__name__} "
+                          f"starts from its beginning", stacklevel=4)
+        return
+    groups, before = len(engine.optimizer.param_groups), saved.get("groups")
+    state = {k: [v[0]] * groups if isinstance(v, list) and v and len(v) == before != groups else v
+             for k, v in saved["state"].items()}
+    scheduler.load_state_dict(state)
+
+
+def _scheduler_problem(engine: Any, saved: dict[str, Any] | None, path: str) -> str | None:
+    if engine.scheduler is not None and saved is not None and saved.get("class") != type(engine.scheduler).__name__:
+        return (f"checkpoint {path} was saved with scheduler {saved.get('class')}, this engine has "
+                f"{type(engine.scheduler).__name__}: make the same scheduler to resume its schedule")
+    return None
 
 
 def _write(path: str, text: str) -> None:

@@ -51,6 +51,7 @@ def parallelize(
     keep: int = 3,
     resume: bool | None = None,
     timeout: float | None = None,
+    scheduler: Callable[[Any], Any] | None = None,
     run_dir: str | None = None,
     tensorboard: bool | None = None,
 ) -> Engine:
@@ -79,6 +80,10 @@ def parallelize(
 
     ``timeout``: seconds a collective may wait for the other ranks (default ``--timeout``,
     else 600); past it the step fails, naming the rank, the step and the ranks behind.
+
+    ``scheduler``: a function of the optimizer that makes a learning-rate scheduler
+    (``lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=N)``); it
+    is stepped after every optimizer step, and checkpoints save and restore it.
 
     ``run_dir`` (default: the directory ``meshwise run`` made) records the run: the plan,
     the host, and per step the loss, throughput, step time and memory (docs/report.md);
@@ -114,6 +119,8 @@ def parallelize(
                          f"is a number of steps >= 0 (0: only engine.save()), keep >= 1")
     if checkpoint_every and not checkpoint:
         raise ValueError(f"checkpoint_every={checkpoint_every} needs a directory: pass checkpoint=DIR")
+    if scheduler is not None:
+        engine.scheduler, engine._steps_scheduler = _build_scheduler(scheduler, engine.optimizer), True
     if verifying:  # the check starts fresh, and leaves the script's own checkpoints alone
         checkpoint = os.path.join(verifying.rpartition(":")[0], "checkpoints") if checkpoint else None
         resume = False
@@ -133,6 +140,23 @@ def parallelize(
     observe.instrument(engine, run_dir, tensorboard, getattr(predicted, "facts", None))
     engine._guard(mwdist.collective_timeout(timeout))
     return engine
+
+
+def _build_scheduler(make: Callable[[Any], Any], optimizer: Any) -> Any:
+    if optimizer is None:
+        raise ValueError("scheduler= needs an optimizer: pass optimizer= too")
+    if not callable(make):
+        raise TypeError(f"scheduler must be a function of the optimizer (lambda opt: "
+                        f"torch.optim.lr_scheduler.StepLR(opt, 100)), got {type(make).__name__}")
+    made = make(optimizer)
+    if isinstance(made, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise ValueError("scheduler=ReduceLROnPlateau cannot be stepped after every update: it needs a metric. "
+                         "Make it yourself, engine.scheduler = ReduceLROnPlateau(engine.optimizer), and call "
+                         "engine.scheduler.step(metric); checkpoints still keep its state")
+    if not (hasattr(made, "step") and hasattr(made, "state_dict") and hasattr(made, "load_state_dict")):
+        raise TypeError(f"scheduler= must return a learning-rate scheduler (step, state_dict, load_state_dict), "
+                        f"got {type(made).__name__}")
+    return made
 
 
 RESUME_ENV = "MESHWISE_RESUME"
@@ -240,6 +264,10 @@ class Engine:
         self.checkpoint_dir: str | None = None
         self.checkpoint_every = 0
         self.checkpoint_keep = 3
+        self.scheduler: Any = None
+        """The learning-rate scheduler: parallelize's ``scheduler=`` (stepped after every
+        update), or one assigned here (stepped by the script); checkpoints keep its state."""
+        self._steps_scheduler = False
 
     @property
     def model(self) -> torch.nn.Module:
@@ -374,8 +402,11 @@ class Engine:
     _collectives = "the gradient all-reduce"
     """The collectives a step of this engine waits in, for messages."""
 
-    def _checkpointed(self) -> None:
-        """After a step: a checkpoint every ``checkpoint_every`` steps."""
+    def _after_update(self) -> None:
+        """After each optimizer step: the learning-rate schedule's step, then a checkpoint
+        every ``checkpoint_every`` steps (so it holds the schedule where the step left it)."""
+        if self.scheduler is not None and self._steps_scheduler:
+            self.scheduler.step()
         if self.checkpoint_every and self.steps % self.checkpoint_every == 0:
             self.save()
 
@@ -407,7 +438,7 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = self._replica.take()
         self.steps += 1
-        self._checkpointed()
+        self._after_update()
         return float(loss_sum) / total
 
     @torch.no_grad()

@@ -426,7 +426,7 @@ class PipelineEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         reduced.wait()
         self.steps += 1
-        self._checkpointed()
+        self._after_update()
         return float(loss_sum)
 
     def _sync_gradients(self) -> None:

@@ -383,7 +383,7 @@ class TensorEngine(Engine):
         if reduced is not None:
             reduced.wait()
         self.steps += 1
-        self._checkpointed()
+        self._after_update()
         return float(loss_sum) / total
 
     def _forward_inputs(self, dataset: Any, indices: torch.Tensor) -> Any:

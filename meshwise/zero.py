@@ -196,7 +196,7 @@ class ShardedEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         reduced.wait()
         self.steps += 1
-        self._checkpointed()
+        self._after_update()
         return float(loss_sum) / total
 
     def _predict_local(self, dataset: Any, mine: torch.Tensor, batch_size: int | None, counts: list[int]) -> Any:

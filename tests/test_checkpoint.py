@@ -70,15 +70,15 @@ def single_process() -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def resume(root: str, plans: list[str]) -> dict:
+def resume(root: str, plans: list[str], **kwargs) -> dict:
     """Per plan, the largest difference between a run stopped after 3 steps and resumed from
     its checkpoint by a fresh engine, and an uninterrupted run (rank 0; 0.0: bit for bit)."""
     out: dict = {}
     for plan in plans:
-        straight = _train(_engine(plan)).full_state_dict()
-        first = _train(_engine(plan, checkpoint=os.path.join(root, plan)), stop=3)
+        straight = _train(_engine(plan, **kwargs)).full_state_dict()
+        first = _train(_engine(plan, checkpoint=os.path.join(root, plan), **kwargs), stop=3)
         first.save()
-        resumed = _engine(plan)
+        resumed = _engine(plan, **kwargs)
         resumed.load(os.path.join(root, plan))
         assert (resumed.steps, resumed.epoch) == (3, 0)
         state = _train(resumed).full_state_dict()
@@ -100,7 +100,8 @@ class Unused(torch.nn.Module):
 
 
 def resume_dp_and_save_a_pipeline(root: str) -> dict:
-    out = resume(root, ["dp=2"])
+    # the learning rate changes every step: the schedule resumes where it stood, or the runs part
+    out = resume(root, ["dp=2"], scheduler=lambda opt: torch.optim.lr_scheduler.LinearLR(opt, 0.1, total_iters=8))
     torch.manual_seed(0)
     engine = mw.parallelize(Unused(), "pp=2", loss_fn=torch.nn.functional.mse_loss, sample=(torch.zeros(2, 4),
                             torch.zeros(2, 2)), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
@@ -289,3 +290,32 @@ def test_meshwise_run_resumes_and_restarts_after_a_killed_worker(tmp_path) -> No
     assert len(said) == 2 and "(step 4," in said[0] and "(step 6," in said[1], resumed.stdout
     reference, state = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
     assert all(torch.equal(state[k], v) for k, v in reference.items())  # bit for bit
+
+
+def schedules(root: str) -> dict:
+    """A scheduler's state through a checkpoint, and the schedulers that cannot be used."""
+    out = {}
+    make = lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, 1e-2, total_steps=10)  # noqa: E731
+    engine = _train(_engine("dp=1", scheduler=make, checkpoint=root), stop=4)
+    engine.save()
+    resumed = _engine("dp=1", scheduler=make)
+    resumed.load(root)
+    out["lr"] = (resumed.optimizer.param_groups[0]["lr"], engine.optimizer.param_groups[0]["lr"])
+    out["epoch"] = (resumed.scheduler.last_epoch, engine.scheduler.last_epoch)
+    other = _engine("dp=1", scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 3))
+    for label, attempt in [("other", lambda: other.load(root)),
+                           ("plateau", lambda: _engine("dp=1", scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau)),
+                           ("not a function", lambda: _engine("dp=1", scheduler=3))]:
+        with pytest.raises((ValueError, TypeError)) as caught:
+            attempt()
+        out[label] = str(caught.value)
+    out["other unchanged"] = other.steps == 0 and other.scheduler.last_epoch == 0
+    return out
+
+
+def test_a_learning_rate_schedule_resumes_where_it_stood(tmp_path) -> None:
+    out = harness.run(schedules, 1, (str(tmp_path),), deadline=60)[0]
+    assert out["lr"][0] == out["lr"][1] and out["epoch"] == (4, 4)
+    assert "saved with scheduler OneCycleLR, this engine has StepLR" in out["other"] and out["other unchanged"]
+    assert "ReduceLROnPlateau cannot be stepped after every update: it needs a metric" in out["plateau"]
+    assert "scheduler must be a function of the optimizer" in out["not a function"]
