@@ -142,8 +142,6 @@ def _memory_mb(device: Any) -> float:
     return int(os.pread(_statm, 128, 0).split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-FLUSH_S = 1.0
-"""Seconds between writes of the recorded lines to disk (and at exit)."""
 def instrument(engine: Any, run_dir: str | None, tensorboard: bool | None, predicted: dict[str, Any] | None) -> None:
     """Wrap ``engine.step`` to record the run into ``run_dir`` (default: the one ``meshwise
     run`` made), or under ``meshwise verify`` to probe it instead (meshwise.verify)."""
@@ -164,6 +162,8 @@ def instrument(engine: Any, run_dir: str | None, tensorboard: bool | None, predi
     engine.step = engine.run_record.wrap(engine.step)
 
 
+FLUSH_S = 1.0
+"""Seconds between writes of the recorded lines to disk (and at exit)."""
 STATE_STEPS, STATE_EVERY = 3, 100
 """Model state is measured at the first steps (the optimizer makes its state there), then
 every 100 steps: walking every tensor each step costs as much as a small model's step."""
