@@ -293,3 +293,33 @@ def test_quiet_and_verbose_and_other_ranks_are_marked(talk: str, tmp_path) -> No
         assert not any("rank 1" in line for line in lines) and "meshwise:" not in stdout + stderr
     else:
         assert "meshwise: run recorded in" in stderr
+
+
+def test_in_a_terminal_rank_0_draws_a_progress_bar_under_the_scripts_lines(tmp_path) -> None:
+    """The training bar is drawn only on a terminal: run the job on a pseudo-terminal."""
+    import pty
+
+    script = os.path.join(HERE, "..", "examples", "quickstart.py")
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a terminal 100 columns wide, then the job
+        os.execv("/bin/sh", ["sh", "-c", f"stty cols 100 rows 40; exec {BIN}/meshwise run --nproc 2 --run-dir "
+                                         f"{tmp_path / 'run'} {script}"])
+    out = bytearray()
+    end = time.monotonic() + DEADLINE
+    while time.monotonic() < end:
+        ready, _, _ = select.select([fd], [], [], 1.0)
+        try:
+            chunk = os.read(fd, 65536) if ready else b""
+        except OSError:  # the job ended: the terminal closed
+            break
+        out += chunk
+    else:
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    text = out.decode(errors="replace")
+    assert "epoch 0:" in text and "/32 [" in text and "loss=" in text, text[-2000:]  # the bar: steps of 32, loss
+    # every line the script printed stands whole after the bar was cleared from it
+    import re
+
+    printed = [([q for q in part.split("\r") if q.strip()] or [""])[-1].strip() for part in text.split("\n")]
+    assert [p[:7] for p in printed if re.fullmatch(r"epoch \d: loss \d\.\d{4}", p)] == [f"epoch {e}" for e in range(5)]
