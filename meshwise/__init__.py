@@ -6,7 +6,8 @@
         loss = engine.step(batch)
 """
 
-from meshwise.engine import Engine, parallelize
+from meshwise.build import parallelize
+from meshwise.engine import Engine
 from meshwise.launch import WorkerFailed, launch
 from meshwise.parallel_map import map
 from meshwise.partition import Partition, partition

@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"script {ns.script!r} not found")
             command = [ns.script, *ns.args]
         if ns.resume:
-            from meshwise.engine import RESUME_ENV
+            from meshwise.build import RESUME_ENV
 
             os.environ[RESUME_ENV] = "1"
         if ns.timeout is not None:
