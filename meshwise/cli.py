@@ -85,8 +85,9 @@ def _parser() -> argparse.ArgumentParser:
                             description="Run SCRIPT twice with the same seeds, in one process and under --plan, for "
                                         "--steps steps; compare the losses step by step and the final parameters "
                                         "by name. Exit code 0: PASS, 1: FAIL (with the likely cause), 2: bad input.")
-    verify.add_argument("--plan", required=True, help="the plan to check, e.g. dp=2,pp=2,zero=1")
-    verify.add_argument("--nproc", type=int, default=None, help="workers (default: the plan's world size)")
+    verify.add_argument("--plan", required=True, action="append", help="a plan to check, e.g. dp=2,pp=2,zero=1; "
+                        "give --plan more than once to check several against one reference run")
+    verify.add_argument("--nproc", type=int, default=None, help="workers (default: each plan's world size)")
     verify.add_argument("--steps", type=int, default=10, help="training steps to compare (default 10)")
     verify.add_argument("--tolerance", type=float, default=None,
                         help="largest relative difference allowed (default by precision: fp32 1e-4, bf16 5e-2)")
@@ -323,26 +324,29 @@ def _finish_run_dir(ns: argparse.Namespace) -> None:
 def _verify(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
     from meshwise.verify import verify
 
-    try:
-        plan = Plan.parse(ns.plan) if ns.plan.strip() != "auto" else None
-    except ValueError as error:
-        parser.error(str(error))
-    nproc = ns.nproc if ns.nproc is not None else (plan.world_size if plan else None)
-    if nproc is None:
-        parser.error("--plan auto needs --nproc N (the processes to plan for)")
-    if nproc < 2 and (plan is None or plan.world_size < 2):
-        parser.error(f"--plan {ns.plan} runs in one process, which is the reference: give a plan of 2 or more "
-                     f"processes, e.g. --plan dp=2")
-    if plan is not None and plan.world_size != nproc:
-        parser.error(f"plan {plan} needs {plan.world_size} processes but --nproc is {nproc}; make them equal")
+    plans = []
+    for text in ns.plan:
+        try:
+            plan = Plan.parse(text) if text.strip() != "auto" else None
+        except ValueError as error:
+            parser.error(str(error))
+        nproc = ns.nproc if ns.nproc is not None else (plan.world_size if plan else None)
+        if nproc is None:
+            parser.error("--plan auto needs --nproc N (the processes to plan for)")
+        if nproc < 2 and (plan is None or plan.world_size < 2):
+            parser.error(f"--plan {text} runs in one process, which is the reference: give a plan of 2 or more "
+                         f"processes, e.g. --plan dp=2")
+        if plan is not None and plan.world_size != nproc:
+            parser.error(f"plan {plan} needs {plan.world_size} processes but --nproc is {nproc}; make them equal")
+        plans.append((str(plan) if plan else "auto", nproc))
     if ns.steps < 1:
         parser.error(f"--steps {ns.steps} is invalid: compare at least 1 step")
     if ns.tolerance is not None and not ns.tolerance > 0:
         parser.error(f"--tolerance {ns.tolerance:g} is invalid: give a relative difference > 0, e.g. 1e-4")
     if not os.path.isfile(ns.script):
         parser.error(f"script {ns.script!r} not found")
-    passed, text = verify([ns.script, *ns.args], str(plan) if plan else "auto", nproc=nproc, steps=ns.steps,
-                          tolerance=ns.tolerance, device=ns.device, keep=ns.keep)
+    passed, text = verify([ns.script, *ns.args], plans, steps=ns.steps, tolerance=ns.tolerance, device=ns.device,
+                          keep=ns.keep)
     print(text)
     return 0 if passed else 1
 

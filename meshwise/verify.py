@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,38 +168,64 @@ def _launch(script: list[str], plan: str, nproc: int, steps: int, directory: str
         return subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env)
 
 
-def verify(script: list[str], plan: str, *, nproc: int, steps: int, tolerance: float | None = None,
+def verify(script: list[str], plans: list[tuple[str, int]], *, steps: int, tolerance: float | None = None,
            device: str | None = None, keep: str | None = None) -> tuple[bool, str]:
-    """Run ``script`` alone and under ``plan``; (passed, the report to print)."""
+    """Run ``script`` alone and under each ``(plan, processes)``; (all passed, the report to print).
+
+    A plan is compared with one process of its own precision and recomputation; plans that
+    share those share the reference run."""
     work = keep or tempfile.mkdtemp(prefix="meshwise-verify-")
-    # both runs on the same kind of device: the parallel run's (one GPU per process, else the CPU)
-    device = device or ("cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= nproc else "cpu")
-    reference = _reference(plan)
-    started: list[tuple[str, str, str, subprocess.Popen]] = []
+    most = max(n for _, n in plans)
+    # every run on the same kind of device: the parallel runs' (one GPU per process, else the CPU)
+    device = device or ("cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= most else "cpu")
+    references = {plan: _reference(plan) for plan, _ in plans}
+    jobs = [("1 process", ref, 1, os.path.join(work, f"single-{i}")) for i, ref in enumerate(dict.fromkeys(references.values()))]
+    jobs += [(plan, plan, n, os.path.join(work, f"parallel-{i}")) for i, (plan, n) in enumerate(plans)]
+    at_once = 2 if device == "cpu" else 1  # on GPUs one run at a time, or they would share GPU 0
+    running: list[tuple[str, str, str, subprocess.Popen]] = []
+    runs: dict[str, Run] = {}
     try:
-        for label, p, n in (("1 process", reference, 1), (plan, plan, nproc)):
-            directory = os.path.join(work, "single" if n == 1 else "parallel")
-            if started and device != "cpu" and started[-1][-1].wait() != 0:  # GPUs: one run at a time
-                break
-            started.append((label, p, directory, _launch(script, p, n, steps, directory, device, directory + ".log")))
-        runs = []
-        for label, p, directory, process in started:
-            code = process.wait()
-            if code != 0 or not os.path.exists(os.path.join(directory, "steps.json")):
-                with open(directory + ".log") as f:
-                    tail = "".join(f.readlines()[-25:])
-                why = (f"exit code {code}" if code != 0 else
-                       "it never called meshwise.parallelize, or ran no step (verify compares the steps of an engine)")
-                return False, f"meshwise verify: the run with plan {p} failed ({why}); its output ends:\n{tail}"
-            runs.append(_load(directory, label))
-        return compare(runs[0], runs[1], steps, tolerance)
+        while jobs or running:
+            if jobs and len(running) < at_once:
+                label, plan, n, directory = jobs.pop(0)
+                running.append((label, plan, directory, _launch(script, plan, n, steps, directory, device,
+                                                                 directory + ".log")))
+                continue
+            done = next((r for r in running if r[-1].poll() is not None), None)
+            if done is None:
+                time.sleep(0.05)
+                continue
+            running.remove(done)
+            failed = _failure(*done)
+            if failed:
+                return False, failed
+            runs[done[1]] = _load(done[2], done[0])
     finally:  # a failure, Ctrl-C: stop what still runs, leave nothing behind
-        for *_, process in started:
+        for *_, process in running:
             if process.poll() is None:
                 process.kill()
                 process.wait()
         if keep is None:
             shutil.rmtree(work, ignore_errors=True)
+    verdicts = [compare(runs[references[plan]], runs[plan], steps, tolerance) for plan, _ in plans]
+    text = "\n\n".join(t for _, t in verdicts)
+    if len(plans) > 1:
+        passed = [plan for (plan, _), (ok, _) in zip(plans, verdicts) if ok]
+        text += (f"\n\n{len(passed)} of {len(plans)} plans train like one process"
+                 + (f"; FAIL: {', '.join(p for p, _ in plans if p not in passed)}" if len(passed) < len(plans) else ""))
+    return all(ok for ok, _ in verdicts), text
+
+
+def _failure(label: str, plan: str, directory: str, process: subprocess.Popen) -> str | None:
+    """What went wrong with a finished run, with the end of its output; None if it recorded its steps."""
+    code = process.wait()
+    if code == 0 and os.path.exists(os.path.join(directory, "steps.json")):
+        return None
+    with open(directory + ".log") as f:
+        tail = "".join(f.readlines()[-25:])
+    why = (f"exit code {code}" if code != 0 else
+           "it never called meshwise.parallelize, or ran no step (verify compares the steps of an engine)")
+    return f"meshwise verify: the run with plan {plan} ({label}) failed ({why}); its output ends:\n{tail}"
 
 
 def _reference(plan: str) -> str:
