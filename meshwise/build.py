@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from meshwise import data, observe
+from meshwise import data, lr_schedule, observe
 from meshwise import dist as mwdist
 from meshwise.engine import Engine, LossFn, OptimizerArg
 from meshwise.plan import Plan, resolve_plan
@@ -108,7 +108,7 @@ def parallelize(
     if checkpoint_every and not checkpoint:
         raise ValueError(f"checkpoint_every={checkpoint_every} needs a directory: pass checkpoint=DIR")
     if scheduler is not None:
-        engine.scheduler, engine._steps_scheduler = _build_scheduler(scheduler, engine.optimizer), True
+        engine.scheduler, engine._steps_scheduler = lr_schedule.build(scheduler, engine.optimizer), True
     if verifying:  # the check starts fresh, and leaves the script's own checkpoints alone
         checkpoint = os.path.join(verifying.rpartition(":")[0], "checkpoints") if checkpoint else None
         resume = False
@@ -128,23 +128,6 @@ def parallelize(
     observe.instrument(engine, run_dir, tensorboard, getattr(predicted, "facts", None))
     engine._guard(mwdist.collective_timeout(timeout))
     return engine
-
-
-def _build_scheduler(make: Callable[[Any], Any], optimizer: Any) -> Any:
-    if optimizer is None:
-        raise ValueError("scheduler= needs an optimizer: pass optimizer= too")
-    if not callable(make):
-        raise TypeError(f"scheduler must be a function of the optimizer (lambda opt: "
-                        f"torch.optim.lr_scheduler.StepLR(opt, 100)), got {type(make).__name__}")
-    made = make(optimizer)
-    if isinstance(made, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        raise ValueError("scheduler=ReduceLROnPlateau cannot be stepped after every update: it needs a metric. "
-                         "Make it yourself, engine.scheduler = ReduceLROnPlateau(engine.optimizer), and call "
-                         "engine.scheduler.step(metric); checkpoints still keep its state")
-    if not (hasattr(made, "step") and hasattr(made, "state_dict") and hasattr(made, "load_state_dict")):
-        raise TypeError(f"scheduler= must return a learning-rate scheduler (step, state_dict, load_state_dict), "
-                        f"got {type(made).__name__}")
-    return made
 
 
 RESUME_ENV = "MESHWISE_RESUME"

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from meshwise import dist as mwdist
+from meshwise import lr_schedule
 
 FORMAT = 1
 COMPLETE = "COMPLETE"
@@ -45,7 +46,7 @@ def save(engine: Any, root: str, *, keep: int = 3) -> str:
     """Write a checkpoint of ``engine`` under ``root`` (a collective); return its directory."""
     if type(keep) is not int or keep < 1:
         raise ValueError(f"keep={keep!r} is invalid: keep at least the last checkpoint (keep >= 1)")
-    schedule = _scheduler_state(engine.scheduler)  # checked before anything is written
+    schedule = lr_schedule.state(engine.scheduler)  # checked before anything is written
     name = f"step-{engine.steps:08d}"
     partial = os.path.join(root, f".partial-{name}")
     final = os.path.join(root, name)
@@ -164,7 +165,7 @@ def load(engine: Any, path: str) -> dict[str, Any]:
     index = meta["tensors"]
     model = {f"model/{name}": value for name, value, _ in _named(engine)}
     values = _read(path, index, model, meta, problems)
-    problems += [p for p in [_scheduler_problem(engine, meta.get("scheduler"), path)] if p]
+    problems += [p for p in [lr_schedule.problem(engine.scheduler, meta.get("scheduler"), path)] if p]
     _agree(problems, engine)
     made = _materialize(engine)  # the optimizer's state, to fill (a collective under zero=1)
     state = _state_targets(engine)
@@ -177,11 +178,13 @@ def load(engine: Any, path: str) -> dict[str, Any]:
     rng = {key: _Plain(torch.get_rng_state() if k == "rng" else torch.cuda.get_rng_state(engine.device))
            for k, key in own.items() if same_world and key in index and (k == "rng" or engine.device.type == "cuda")}
     values.update(_read(path, index, rng, meta, problems))
+    undo = _restore_schedule(engine, meta.get("scheduler"), path, problems)
     try:
         _agree(problems, engine)
     except ValueError:
         if made:  # back to an optimizer that has not stepped
             _clear_state(engine.optimizer)
+        undo()
         raise
     _drop_state(engine.optimizer, stateless)
     with torch.no_grad():
@@ -192,7 +195,9 @@ def load(engine: Any, path: str) -> dict[str, Any]:
     if own["rng-cuda"] in rng:
         torch.cuda.set_rng_state(values[own["rng-cuda"]], engine.device)
     _set_hyperparameters(engine.optimizer, meta.get("optimizer") or {})
-    _set_scheduler(engine, meta.get("scheduler"), path)
+    if engine.scheduler is not None and meta.get("scheduler") is None:  # its own rates, not the saved ones
+        for group, lr in zip(engine.optimizer.param_groups, engine.scheduler.get_last_lr()):
+            group["lr"] = lr
     engine.steps = int(meta["step"])
     engine.resume_position(meta.get("position"))
     dist.barrier()
@@ -439,40 +444,23 @@ def _set_hyperparameters(optimizer: Any, saved: dict[str, Any]) -> None:
             group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
 
 
-def _scheduler_state(scheduler: Any) -> dict[str, Any] | None:
-    """The scheduler's class and ``state_dict()``, as JSON (nothing is pickled)."""
-    if scheduler is None:
-        return None
-    state = scheduler.state_dict()
-    try:
-        json.dumps(state)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"the state of scheduler {type(scheduler).__name__} cannot be saved as JSON ({error}); "
-                         f"checkpoints hold numbers, strings and lists of them, never pickles: use a scheduler "
-                         f"from torch.optim.lr_scheduler, whose state is plain numbers") from None
-    return {"class": type(scheduler).__name__, "groups": len(scheduler.optimizer.param_groups), "state": state}
-
-
-def _set_scheduler(engine: Any, saved: dict[str, Any] | None, path: str) -> None:
-    """Restore the scheduler's state; lists of one value per parameter group (``base_lrs``)
-    take the first group's for all when the groups differ in number (a pipeline's stages)."""
+def _restore_schedule(engine: Any, saved: dict[str, Any] | None, path: str, problems: list[str]) -> Any:
+    """Load the learning-rate schedule, before the ranks agree (a rank that cannot says so);
+    return how to undo it. With no scheduler yet, the state waits for ``engine.scheduler = ...``;
+    a checkpoint without one leaves the scheduler at its beginning, with a warning."""
     scheduler = engine.scheduler
     if scheduler is None or saved is None:
-        if scheduler is not None and engine.is_main:
+        engine._pending_schedule = saved
+        if scheduler is not None and engine.is_main and not problems:
             warnings.warn(f"checkpoint {path} holds no learning-rate scheduler state: {type(scheduler).__name__} "
                           f"starts from its beginning", stacklevel=4)
-        return
-    groups, before = len(engine.optimizer.param_groups), saved.get("groups")
-    state = {k: [v[0]] * groups if isinstance(v, list) and v and len(v) == before != groups else v
-             for k, v in saved["state"].items()}
-    scheduler.load_state_dict(state)
-
-
-def _scheduler_problem(engine: Any, saved: dict[str, Any] | None, path: str) -> str | None:
-    if engine.scheduler is not None and saved is not None and saved.get("class") != type(engine.scheduler).__name__:
-        return (f"checkpoint {path} was saved with scheduler {saved.get('class')}, this engine has "
-                f"{type(engine.scheduler).__name__}: make the same scheduler to resume its schedule")
-    return None
+        return lambda: None
+    try:
+        return lr_schedule.restore(scheduler, saved)
+    except Exception as error:  # noqa: BLE001  (any rank's failure must reach every rank)
+        problems.append(f"checkpoint {path}: the {saved.get('class')} state does not load into this engine's "
+                        f"scheduler ({type(error).__name__}: {error})")
+        return lambda: None
 
 
 def _write(path: str, text: str) -> None:

@@ -118,10 +118,29 @@ class Engine:
         self.checkpoint_dir: str | None = None
         self.checkpoint_every = 0
         self.checkpoint_keep = 3
-        self.scheduler: Any = None
-        """The learning-rate scheduler: parallelize's ``scheduler=`` (stepped after every
-        update), or one assigned here (stepped by the script); checkpoints keep its state."""
+        self._scheduler: Any = None
+        self._pending_schedule: dict[str, Any] | None = None  # a loaded checkpoint's, for a scheduler made later
         self._steps_scheduler = False
+
+    @property
+    def scheduler(self) -> Any:
+        """The learning-rate scheduler: parallelize's ``scheduler=`` (stepped after every
+        update), or one assigned here (stepped by the script). Checkpoints keep its state; one
+        assigned after a resume takes the state the checkpoint held."""
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, value: Any) -> None:
+        from meshwise import lr_schedule
+
+        self._scheduler, pending, self._pending_schedule = value, self._pending_schedule, None
+        if value is not None and pending is not None:
+            wrong = lr_schedule.problem(value, pending, "(the one loaded)")
+            if wrong:
+                raise ValueError(wrong)
+            lr_schedule.restore(value, pending)
+            for group, lr in zip(self.optimizer.param_groups, value.get_last_lr()):  # made after the load:
+                group["lr"] = lr  # its construction set the rates; the schedule's own stand where it stood
 
     @property
     def model(self) -> torch.nn.Module:

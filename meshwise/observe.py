@@ -183,7 +183,7 @@ class Recorder:
         self.engine, self.path = engine, os.path.abspath(path)
         self.main = engine.is_main
         self.start = time.perf_counter()
-        self._state, self._flushed = 0.0, 0.0
+        self._state, self._flushed, self._count = 0.0, 0.0, 0
         os.makedirs(self.path, exist_ok=True)
         self._rank_file = open(os.path.join(self.path, f"rank-{engine.rank}.jsonl"), "a")  # noqa: SIM115
         self._metrics = self._board = self._bar = self._stdout = None
@@ -222,22 +222,27 @@ class Recorder:
     def _record(self, loss: float, rows: int, tokens: int | None, seconds: float, now: float,
                 position: tuple[int, int, int] | None) -> None:
         engine = self.engine
-        if engine.steps <= STATE_STEPS or engine.steps % STATE_EVERY == 0:  # settled once the optimizer has state
+        self._count += 1  # steps recorded here: a resumed engine's count starts past zero
+        if self._count <= STATE_STEPS or self._count % STATE_EVERY == 0:  # settled once the optimizer has state
             self._state = sum(engine.state_bytes().values()) / 2**20
         state = self._state
         mine = {"step": engine.steps, "step_s": seconds, "memory_mb": _memory_mb(engine.device), "state_mb": state}
         self._rank_file.write(json.dumps(mine) + "\n")
+        if self.main:
+            self._main_record(loss, rows, tokens, seconds, now, position, mine["memory_mb"], state)
         if now - self._flushed >= FLUSH_S:  # whole lines, at most a second behind: a live run can be read
             self._flushed = now
             self._rank_file.flush()
             if self._metrics is not None:
                 self._metrics.flush()
-        if not self.main:
-            return
+
+    def _main_record(self, loss: float, rows: int, tokens: int | None, seconds: float, now: float,
+                     position: tuple[int, int, int] | None, memory_mb: float, state: float) -> None:
+        engine = self.engine
         record = {"step": engine.steps, "time_s": now - self.start, "loss": loss, "rows": rows, "tokens": tokens,
                   "step_s": seconds, "samples_per_s": rows / seconds,
                   "tokens_per_s": tokens / seconds if tokens else None,
-                  "memory_mb": mine["memory_mb"], "state_mb": state}
+                  "memory_mb": memory_mb, "state_mb": state}
         self._metrics.write(json.dumps(record) + "\n")  # type: ignore[union-attr]
         if self._board is not None:
             for key in ("loss", "samples_per_s", "tokens_per_s", "step_s", "memory_mb", "state_mb"):

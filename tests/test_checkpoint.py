@@ -294,16 +294,38 @@ def test_meshwise_run_resumes_and_restarts_after_a_killed_worker(tmp_path) -> No
 
 def schedules(root: str) -> dict:
     """A scheduler's state through a checkpoint, and the schedulers that cannot be used."""
+    import warnings
+
     out = {}
     make = lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, 1e-2, total_steps=10)  # noqa: E731
-    engine = _train(_engine("dp=1", scheduler=make, checkpoint=root), stop=4)
+    engine = _train(_engine("dp=1", scheduler=make, checkpoint=os.path.join(root, "one")), stop=4)
     engine.save()
     resumed = _engine("dp=1", scheduler=make)
-    resumed.load(root)
+    resumed.load(os.path.join(root, "one"))
     out["lr"] = (resumed.optimizer.param_groups[0]["lr"], engine.optimizer.param_groups[0]["lr"])
     out["epoch"] = (resumed.scheduler.last_epoch, engine.scheduler.last_epoch)
+    # MultiStepLR keeps its milestones in a Counter keyed by integers, which JSON alone would make strings;
+    # and a scheduler the script makes after the load takes the state the checkpoint held
+    steps = lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, [5, 7], 0.1)  # noqa: E731
+    straight = _engine("dp=1", scheduler=steps)
+    rates = [g["lr"] for _ in range(9) for g in [_train(straight, stop=straight.steps + 1).optimizer.param_groups[0]]]
+    first = _train(_engine("dp=1", scheduler=steps, checkpoint=os.path.join(root, "steps")), stop=3)
+    first.save()
+    later = _engine("dp=1")
+    later.load(os.path.join(root, "steps"))
+    later.scheduler, later._steps_scheduler = steps(later.optimizer), True  # as a script would, then stepped
+    out["milestones"] = (rates[3:], [g["lr"] for _ in range(6)
+                                     for g in [_train(later, stop=later.steps + 1).optimizer.param_groups[0]]])
+    # a checkpoint without a schedule: the scheduler starts over, at its own rate, and says so
+    plain = _train(_engine("dp=1", checkpoint=os.path.join(root, "plain")), stop=2)
+    plain.save()
+    warm = _engine("dp=1", scheduler=lambda opt: torch.optim.lr_scheduler.LinearLR(opt, 0.1, total_iters=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warm.load(os.path.join(root, "plain"))
+    out["start over"] = (warm.optimizer.param_groups[0]["lr"], [str(w.message) for w in caught])
     other = _engine("dp=1", scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 3))
-    for label, attempt in [("other", lambda: other.load(root)),
+    for label, attempt in [("other", lambda: other.load(os.path.join(root, "one"))),
                            ("plateau", lambda: _engine("dp=1", scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau)),
                            ("not a function", lambda: _engine("dp=1", scheduler=3))]:
         with pytest.raises((ValueError, TypeError)) as caught:
@@ -316,6 +338,10 @@ def schedules(root: str) -> dict:
 def test_a_learning_rate_schedule_resumes_where_it_stood(tmp_path) -> None:
     out = harness.run(schedules, 1, (str(tmp_path),), deadline=60)[0]
     assert out["lr"][0] == out["lr"][1] and out["epoch"] == (4, 4)
+    expected, resumed = out["milestones"]
+    assert resumed == expected and expected[1] != expected[-1]  # the same rates, decays included
+    lr, said = out["start over"]
+    assert lr == pytest.approx(1e-3 * 0.1) and any("holds no learning-rate scheduler state" in w for w in said)
     assert "saved with scheduler OneCycleLR, this engine has StepLR" in out["other"] and out["other unchanged"]
     assert "ReduceLROnPlateau cannot be stepped after every update: it needs a metric" in out["plateau"]
     assert "scheduler must be a function of the optimizer" in out["not a function"]
