@@ -352,6 +352,17 @@ def _verify(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line. What it sets for the workers (``MESHWISE_*``) is unset again after,
+    so a program that calls ``main`` keeps its own environment."""
+    saved = dict(os.environ)
+    try:
+        return _main(argv)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     script_args: list[str] = []
