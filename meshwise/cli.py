@@ -396,10 +396,13 @@ def _main(argv: list[str] | None) -> int:
             os.environ[TIMEOUT_ENV] = str(ns.timeout)
         _talk(ns)
         if not ns.no_run_dir:
-            from meshwise.observe import PROGRESS_ENV, RUN_DIR_ENV, default_run_dir
+            from meshwise.observe import AGREE, PROGRESS_ENV, RUN_DIR_ENV, RUNS_ENV, default_run_dir
 
-            ns.run_dir = os.path.abspath(ns.run_dir or default_run_dir("run"))
-            os.environ[RUN_DIR_ENV] = ns.run_dir
+            if ns.run_dir is None and ns.nnodes > 1:  # rank 0 names it, for every host (meshwise.observe)
+                os.environ[RUN_DIR_ENV] = AGREE + os.path.abspath(os.environ.get(RUNS_ENV) or "runs")
+            else:
+                ns.run_dir = os.path.abspath(ns.run_dir or default_run_dir("run"))
+                os.environ[RUN_DIR_ENV] = ns.run_dir
             os.environ[PROGRESS_ENV] = "1"
         elif ns.run_dir or ns.tensorboard:
             parser.error("--no-run-dir records nothing: leave out --run-dir and --tensorboard")

@@ -42,12 +42,12 @@ RUNS_ENV = "MESHWISE_RUNS"
 """Where run directories go by default (``runs`` in the working directory)."""
 
 
-def default_run_dir(name: str, root: str | None = None) -> str:
+def default_run_dir(name: str, root: str | None = None, *, by_job: bool = True) -> str:
     """``runs/NAME-YYYYmmdd-HHMMSS-XXXX`` (under ``MESHWISE_RUNS`` if set): XXXX keeps two
     runs started in one second apart. Under a launcher (torchrun) the job's id replaces
     time and XXXX, so that every rank, and a restarted job, picks the same directory."""
     root = root or os.environ.get(RUNS_ENV) or "runs"
-    job = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "") if by_job else ""
     if job and job != "none":
         return os.path.join(root, f"{name}-{job}")
     return os.path.join(root, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}")
@@ -152,6 +152,8 @@ def instrument(engine: Any, run_dir: str | None, tensorboard: bool | None, predi
         engine.step = Probe(engine, verifying).wrap(engine.step)
         return
     run_dir = run_dir if run_dir is not None else os.environ.get(RUN_DIR_ENV) or None
+    if run_dir and run_dir.startswith(AGREE):
+        run_dir = _agreed_run_dir(run_dir[len(AGREE):], engine.is_main)
     if not run_dir:
         if tensorboard:
             raise ValueError("tensorboard=True writes into the run directory: pass run_dir=DIR (meshwise run makes one)")
@@ -160,6 +162,25 @@ def instrument(engine: Any, run_dir: str | None, tensorboard: bool | None, predi
     engine.run_record = Recorder(engine, run_dir, tensorboard=board, predicted=predicted,
                                  progress=os.environ.get(PROGRESS_ENV) == "1")
     engine.step = engine.run_record.wrap(engine.step)
+
+
+AGREE = "?"
+"""A run directory spelled ``?ROOT`` is a new one under ROOT whose name rank 0 picks and
+every rank takes (``meshwise run --nnodes N``: the hosts' launchers cannot agree on a
+name by themselves; on a filesystem every host sees, all ranks record in one place)."""
+
+
+def _agreed_run_dir(root: str, is_main: bool) -> str:
+    """Rank 0's new directory under ``root``, on every rank (a collective), once per process."""
+    import torch.distributed as dist
+
+    chosen = [default_run_dir("run", root, by_job=False) if is_main else None]  # a fresh name: broadcast
+    if dist.is_initialized():
+        dist.broadcast_object_list(chosen, src=0)
+    os.environ[RUN_DIR_ENV] = chosen[0]  # later engines of this script record there too
+    if is_main:
+        note(f"meshwise: recording the run in {chosen[0]}")
+    return chosen[0]
 
 
 FLUSH_S = 1.0

@@ -56,7 +56,7 @@ def test_two_hosts_reach_the_parameters_of_four_local_processes(two_hosts, tmp_p
     hosts = []
     for rank, (name, device) in enumerate(zip(names, devices)):
         # gloo finds its address from the interface, not the host name (the namespaces share it)
-        env = {**os.environ, "GLOO_SOCKET_IFNAME": device}
+        env = {**os.environ, "GLOO_SOCKET_IFNAME": device, "MESHWISE_RUNS": str(tmp_path / "runs")}
         hosts.append(subprocess.Popen(
             ["ip", "netns", "exec", name, CLI, "run", "--nnodes", "2", "--node-rank", str(rank), "--nproc", "2",
              "--rdzv-endpoint", "10.77.0.1:29561", SCRIPT, str(tmp_path / "two"), str(tmp_path / "two.pt")],
@@ -75,3 +75,7 @@ def test_two_hosts_reach_the_parameters_of_four_local_processes(two_hosts, tmp_p
     assert local.returncode == 0, local.stderr[-3000:]
     two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
     assert all(torch.equal(two[k], v) for k, v in one.items())
+    # one run directory, named by rank 0, holds every rank's record (the hosts share this filesystem)
+    (run,) = (tmp_path / "runs").iterdir()
+    assert sorted(p.name for p in run.glob("rank-*.jsonl")) == [f"rank-{r}.jsonl" for r in range(4)]
+    assert f"meshwise: recording the run in {run}" in outputs[0][0]
