@@ -321,36 +321,6 @@ def _finish_run_dir(ns: argparse.Namespace) -> None:
         print(f"meshwise: run recorded in {where}; meshwise report {where} writes its HTML report", file=sys.stderr)
 
 
-def _verify(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
-    from meshwise.verify import verify
-
-    plans = []
-    for text in ns.plan:
-        try:
-            plan = Plan.parse(text) if text.strip() != "auto" else None
-        except ValueError as error:
-            parser.error(str(error))
-        nproc = ns.nproc if ns.nproc is not None else (plan.world_size if plan else None)
-        if nproc is None:
-            parser.error("--plan auto needs --nproc N (the processes to plan for)")
-        if nproc < 2 and (plan is None or plan.world_size < 2):
-            parser.error(f"--plan {text} runs in one process, which is the reference: give a plan of 2 or more "
-                         f"processes, e.g. --plan dp=2")
-        if plan is not None and plan.world_size != nproc:
-            parser.error(f"plan {plan} needs {plan.world_size} processes but --nproc is {nproc}; make them equal")
-        plans.append((str(plan) if plan else "auto", nproc))
-    if ns.steps < 1:
-        parser.error(f"--steps {ns.steps} is invalid: compare at least 1 step")
-    if ns.tolerance is not None and not ns.tolerance > 0:
-        parser.error(f"--tolerance {ns.tolerance:g} is invalid: give a relative difference > 0, e.g. 1e-4")
-    if not os.path.isfile(ns.script):
-        parser.error(f"script {ns.script!r} not found")
-    passed, text = verify([ns.script, *ns.args], plans, steps=ns.steps, tolerance=ns.tolerance, device=ns.device,
-                          keep=ns.keep)
-    print(text)
-    return 0 if passed else 1
-
-
 def main(argv: list[str] | None = None) -> int:
     """The command line. What it sets for the workers (``MESHWISE_*``) is unset again after,
     so a program that calls ``main`` keeps its own environment."""
@@ -411,7 +381,9 @@ def _main(argv: list[str] | None) -> int:
             _finish_run_dir(ns)
         return code
     if ns.command == "verify":
-        return _verify(parser, ns)
+        from meshwise.verify import command
+
+        return command(parser, ns)
     if ns.command == "report":
         from meshwise import report
 

@@ -228,6 +228,38 @@ def _failure(label: str, plan: str, directory: str, process: subprocess.Popen) -
     return f"meshwise verify: the run with plan {plan} ({label}) failed ({why}); its output ends:\n{tail}"
 
 
+def command(parser: Any, ns: Any) -> int:
+    """``meshwise verify``'s arguments checked (a bad one: ``parser.error``, exit 2), then the check:
+    0 if every plan passes, else 1."""
+    from meshwise.plan import Plan
+
+    plans = []
+    for text in ns.plan:
+        try:
+            plan = Plan.parse(text) if text.strip() != "auto" else None
+        except ValueError as error:
+            parser.error(str(error))
+        nproc = ns.nproc if ns.nproc is not None else (plan.world_size if plan else None)
+        if nproc is None:
+            parser.error("--plan auto needs --nproc N (the processes to plan for)")
+        if nproc < 2 and (plan is None or plan.world_size < 2):
+            parser.error(f"--plan {text} runs in one process, which is the reference: give a plan of 2 or more "
+                         f"processes, e.g. --plan dp=2")
+        if plan is not None and plan.world_size != nproc:
+            parser.error(f"plan {plan} needs {plan.world_size} processes but --nproc is {nproc}; make them equal")
+        plans.append((str(plan) if plan else "auto", nproc))
+    if ns.steps < 1:
+        parser.error(f"--steps {ns.steps} is invalid: compare at least 1 step")
+    if ns.tolerance is not None and not ns.tolerance > 0:
+        parser.error(f"--tolerance {ns.tolerance:g} is invalid: give a relative difference > 0, e.g. 1e-4")
+    if not os.path.isfile(ns.script):
+        parser.error(f"script {ns.script!r} not found")
+    passed, text = verify([ns.script, *ns.args], plans, steps=ns.steps, tolerance=ns.tolerance, device=ns.device,
+                          keep=ns.keep)
+    print(text)
+    return 0 if passed else 1
+
+
 def _reference(plan: str) -> str:
     """The one-process plan to compare with: dp=1, with the plan's precision and recomputation."""
     from meshwise.plan import Plan
