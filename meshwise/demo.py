@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import meshwise as mw
-from meshwise.observe import Progress, RunDir, default_run_dir, quiet
+from meshwise.observe import Progress, RunDir, default_run_dir
 
 
 def digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{len(x_train)} training and {len(x_test)} held-out digits")
 
     steps_per_epoch = -(-len(x_train) // args.batch_size)
-    bar = Progress(args.epochs * steps_per_epoch, enabled=engine.is_main and not quiet(), desc="training")
+    bar = Progress(args.epochs * steps_per_epoch, enabled=engine.is_main, desc="training")
     start = time.perf_counter()
     seen = 0
     for epoch in range(args.epochs):

@@ -19,7 +19,7 @@ import torch
 
 import meshwise as mw
 from meshwise.gpt import GPT, GPTConfig, generate, lm_loss
-from meshwise.observe import Progress, RunDir, default_run_dir, quiet
+from meshwise.observe import Progress, RunDir, default_run_dir
 
 VOCAB = [chr(c) for c in range(32, 127)] + ["\n"]  # printable ASCII and newline: 96 characters
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{sum(p.numel() for p in engine.model.parameters()):,} parameters; "
               f"{len(x_train):,} windows of {cfg.context} characters from pydoc_data")
 
-    bar = Progress(args.steps, enabled=engine.is_main and not quiet(), desc="training")
+    bar = Progress(args.steps, enabled=engine.is_main, desc="training")
     start = time.perf_counter()
     step, epoch, loss = 0, 0, float("nan")
     first = None

@@ -84,7 +84,7 @@ class Engine:
             start = time.perf_counter()
             loss = step(batch)
             times.append(time.perf_counter() - start)
-            rows.append(data.global_size(batch) or data.batch_size_of(batch) * self.dp_size)
+            rows.append(self.last_rows)
             if len(times) == AUTO_WARMUP_STEPS + AUTO_CHECK_STEPS and self.is_main:
                 measured = statistics.median(times[AUTO_WARMUP_STEPS:])
                 usual = statistics.mode(rows[AUTO_WARMUP_STEPS:])

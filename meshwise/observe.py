@@ -54,13 +54,14 @@ def default_run_dir(name: str, root: str | None = None, *, by_job: bool = True) 
 
 
 class Progress:
-    """A progress bar on stderr on rank 0 (``enabled``); silent elsewhere.
+    """A progress bar on stderr on rank 0 (``enabled``); silent elsewhere and under --quiet.
 
     ``write`` prints a line above the bar without breaking it.
     """
 
     def __init__(self, total: int | None, *, enabled: bool, desc: str = "") -> None:
         self._bar = None
+        enabled = enabled and not quiet()
         if enabled:
             from tqdm import tqdm
 

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from meshwise import cost, data
-from meshwise.observe import Progress, note, quiet
+from meshwise.observe import Progress, note
 from meshwise.plan import Plan
 
 SEARCH_ENV = "MESHWISE_SEARCH"
@@ -323,7 +323,7 @@ def rank_processes(profile: Callable[[int], cost.Workload], hardware: Callable[[
     out: list[cost.Estimate] = []
     mismatch = None
     fixed = dict(fixed or {})
-    bar = Progress(len({t for _, t in choices}), enabled=show and not quiet(), desc="profiling")
+    bar = Progress(len({t for _, t in choices}), enabled=show, desc="profiling")
     for processes, threads in choices:
         if threads not in profiles:
             with torch_threads(threads):
@@ -353,7 +353,7 @@ def _profile_together(measure: Callable[[], cost.Workload], thread_counts: list[
     rank = dist.get_rank()
     profiles: dict[int, cost.Workload] = {}
     failure: BaseException | None = None
-    bar = Progress(len(thread_counts), enabled=rank == 0 and not quiet(), desc="profiling")
+    bar = Progress(len(thread_counts), enabled=rank == 0, desc="profiling")
     for threads in thread_counts:
         together = min(world, max(1, cores() // threads)) if device.type == "cpu" and threads else 1
         dist.barrier()

@@ -57,9 +57,9 @@ def search(work: Workload, hw: Hardware, devices: int, batch: int, *, precision:
     plans = candidates(devices, batch, precision=precision, fixed=fixed, layers=len(work.layers))
     if not plans:
         raise ValueError(f"no plan for {devices} devices matches {fixed}: dp x pp x tp must equal {devices}")
-    from meshwise.observe import Progress, quiet
+    from meshwise.observe import Progress
 
-    bar = Progress(len(plans), enabled=not quiet() and len(plans) > 1000, desc="planning")  # seconds of work
+    bar = Progress(len(plans), enabled=len(plans) > 1000, desc="planning")  # seconds of work
     out = []
     for plan in plans:
         out.append(estimate(work, plan, hw, batch, budget=budget))
