@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from meshwise.observe import VERIFY_ENV
+from meshwise.observe import VERIFY_ENV, write_json
 
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}
 SHOWN = 20
@@ -87,15 +87,14 @@ class Probe:
             loss = step(batch)
             if first:
                 self.rng = {"before": before, "draws": _rng_digest() != before}
-                with open(os.path.join(self.dir, f"rank-{engine.rank}.json"), "w") as f:
-                    json.dump(self.rng, f)
+                write_json(os.path.join(self.dir, f"rank-{engine.rank}.json"), self.rng)
             self.losses.append(loss)
             self.rows.append(engine.last_rows)
             state = engine.full_state_dict()
             if first:
                 self.states["first"] = state
             self.states["final"] = state
-            if engine.steps >= self.steps:
+            if len(self.losses) >= self.steps:
                 sys.exit(0)  # every rank reaches this step: nobody is left waiting
             return loss
 
@@ -107,9 +106,9 @@ class Probe:
         for name, state in self.states.items():
             if state is not None:
                 save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(self.dir, f"{name}.safetensors"))
-        with open(os.path.join(self.dir, "steps.json"), "w") as f:
-            json.dump({"losses": self.losses, "rows": self.rows, "plan": str(self.engine.plan),
-                       "precision": self.engine.plan.precision, "world_size": self.engine.world_size}, f)
+        write_json(os.path.join(self.dir, "steps.json"), {
+            "losses": self.losses, "rows": self.rows, "plan": str(self.engine.plan),
+            "precision": self.engine.plan.precision, "world_size": self.engine.world_size})
 
 
 def _rng_digest() -> str:
